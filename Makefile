@@ -1,0 +1,37 @@
+# sseproxy — `make run` serves on http://127.0.0.1:8080, `make test` runs the whole suite.
+# Both create .venv (Python 3.11+) when it is missing and install what they need into it.
+
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+ARGS ?=
+PYTEST_ARGS ?=
+
+.PHONY: run test lint typecheck check-config bench clean
+
+$(BIN)/python:
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+
+$(VENV)/.installed-run: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e .
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[test]'
+	touch $@ $(VENV)/.installed-run
+
+run: $(VENV)/.installed-run
+	$(BIN)/sseproxy serve $(ARGS)
+
+lint: $(VENV)/.installed-test
+	$(BIN)/python -m flake8 sseproxy tests
+
+typecheck: $(VENV)/.installed-test
+	$(BIN)/python -m mypy
+
+test: lint typecheck
+	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .hypothesis .coverage

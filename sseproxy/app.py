@@ -1,0 +1,117 @@
+"""The Tornado application and the process around it.
+
+``make_app(settings, deps)`` wires the routes to their handlers (dependencies
+go in through ``initialize``); :func:`serve` runs one sseproxy process: it
+builds the dependencies once, starts the built-in simulator when the upstream
+is ``mock`` without a URL, listens, and stops cleanly on SIGINT/SIGTERM.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from typing import Any
+
+import structlog
+import tornado.httpserver
+import tornado.web
+
+from . import config, handlers, mockupstream
+from .config import Settings
+from .handlers import Deps, StreamSlots
+from .upstream import UpstreamClient, make_http_client
+
+log = structlog.get_logger("sseproxy.app")
+
+STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
+
+
+def access_log(handler: tornado.web.RequestHandler) -> None:
+    """Tornado's access log as one structured line; the query string is never logged
+    (an EventSource prompt travels in it)."""
+    status = handler.get_status()
+    request = handler.request
+    level = "info" if status < 400 else "warning" if status < 500 else "error"
+    getattr(structlog.get_logger("tornado.access"), level)(
+        "request",
+        method=request.method,
+        path=request.path,
+        status=status,
+        duration_ms=round(1000.0 * request.request_time(), 2),
+        remote_ip=request.remote_ip,
+    )
+
+
+def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web.Application:
+    route = {"deps": deps}
+    routes: list[Any] = [
+        (r"/v1/chat/completions", handlers.ChatCompletionsHandler, route),
+        (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
+        (r"/healthz", handlers.HealthHandler, route),
+        (r"/readyz", handlers.ReadyHandler, route),
+    ]
+    return tornado.web.Application(
+        routes,
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args=route,
+        compress_response=settings.server.compress_response,
+        log_function=access_log,
+        **app_settings,
+    )
+
+
+def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
+    return tornado.httpserver.HTTPServer(
+        app,
+        xheaders=True,
+        # Bodies past limits.max_body_bytes get a 413 from the handler, which discards the
+        # rest as it arrives (so the client can read the answer); this only cuts off a client
+        # that keeps sending long after that.
+        max_body_size=max(16 * settings.limits.max_body_bytes, 64 << 20),
+        idle_connection_timeout=75,
+    )
+
+
+async def build_deps(settings: Settings, upstream_url: str | None = None) -> Deps:
+    http = make_http_client(settings)
+    upstream = UpstreamClient(
+        settings, http, base_url=upstream_url, api_key=config.api_key(settings)
+    )
+    slots = StreamSlots(settings.limits.max_streams)
+    return Deps(settings=settings, upstream=upstream, slots=slots)
+
+
+async def serve(settings: Settings) -> int:
+    """Run one sseproxy process until SIGINT or SIGTERM."""
+    mock_server = None
+    upstream_url = settings.upstream_url
+    if settings.upstream.kind == "mock" and not upstream_url:
+        mock_server, mock_port = await mockupstream.start()
+        upstream_url = f"http://127.0.0.1:{mock_port}/v1"
+        log.info("mock_upstream_started", url=upstream_url)
+    if settings.upstream.kind == "openai" and not config.api_key(settings):
+        log.warning("upstream_key_missing", env=settings.upstream.api_key_env,
+                    hint="requests go out without an Authorization header")
+    deps = await build_deps(settings, upstream_url)
+    app = make_app(settings, deps)
+    server = make_server(app, settings)
+    server.listen(settings.server.port, settings.server.host)
+    log.info("listening", host=settings.server.host, port=settings.server.port,
+             upstream=upstream_url, upstream_kind=settings.upstream.kind, pid=os.getpid())
+
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        log.info("stopping")
+        server.stop()
+        await server.close_all_connections()
+        await deps.upstream.aclose()
+        if mock_server is not None:
+            mock_server.stop()
+            await mock_server.close_all_connections()
+    return 0

@@ -1,0 +1,82 @@
+"""The ``sseproxy`` command: ``serve`` (the default), ``check-config FILE``, ``mock-upstream``."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+from collections.abc import Sequence
+from typing import Any
+
+from . import __version__, config, logs, mockupstream
+from .errors import ConfigError
+
+COMMANDS = ("serve", "check-config", "mock-upstream")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sseproxy",
+        description="A streaming relay for LLM chat (OpenAI-compatible upstream in, SSE out).",
+    )
+    parser.add_argument("--version", action="version", version=f"sseproxy {__version__}")
+    sub = parser.add_subparsers(dest="command")
+
+    serve = sub.add_parser("serve", help="serve the API (default)")
+    serve.add_argument("--config", help="TOML config file (default: $SSEPROXY_CONFIG)")
+    serve.add_argument("--host", help="listen address (server.host)")
+    serve.add_argument("--port", type=int, help="listen port (server.port)")
+    serve.add_argument("--workers", type=int, help="processes (server.workers)")
+    serve.add_argument("--upstream-url", help="OpenAI-compatible base URL (upstream.base_url)")
+    serve.add_argument(
+        "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
+        help="override any config key (repeatable)",
+    )
+
+    check = sub.add_parser("check-config", help="validate a config file and print the settings")
+    check.add_argument("file")
+
+    mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible simulator")
+    mockupstream.add_arguments(mock)
+    return parser
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for flag, key in (("host", "server.host"), ("port", "server.port"),
+                      ("workers", "server.workers"), ("upstream_url", "upstream.base_url")):
+        value = getattr(args, flag)
+        if value is not None:
+            out[key] = value
+    for item in args.set:
+        key, sep, value = item.partition("=")
+        if not sep or "." not in key:
+            raise ConfigError(f"--set {item!r}: expected SECTION.KEY=VALUE")
+        out[key.strip()] = value
+    return out
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv or argv[0] not in (*COMMANDS, "-h", "--help", "--version"):
+        argv.insert(0, "serve")
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "check-config":
+            settings = config.load(args.file)
+            print(json.dumps(config.describe(settings), indent=2))
+            return 0
+        if args.command == "mock-upstream":
+            return mockupstream.run(args)
+        settings = config.load(args.config, overrides=_overrides(args))
+        if settings.server.workers != 1:
+            raise ConfigError("server.workers: several worker processes are not supported yet; "
+                              "run one process per port behind Nginx")
+    except ConfigError as exc:
+        print(f"sseproxy: configuration error: {exc.message}", file=sys.stderr)
+        return 2
+    logs.configure(settings.logging)
+    from .app import serve
+
+    return asyncio.run(serve(settings))

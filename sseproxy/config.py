@@ -1,0 +1,341 @@
+"""Settings: one frozen, typed object filled once from a TOML file, the environment and flags.
+
+Precedence, lowest first: the defaults below, the TOML file (``--config`` or
+``SSEPROXY_CONFIG``), environment variables ``SSEPROXY_<SECTION>_<KEY>`` (the
+section name has no underscore, so the first ``_`` after the prefix ends it:
+``SSEPROXY_UPSTREAM_BASE_URL`` is ``upstream.base_url``), then command-line
+flags. Every invalid value is a :class:`~sseproxy.errors.ConfigError` naming
+the key, the value and what is allowed; an unknown key or section names the
+nearest valid one. Nothing here reads settings mid-stream: handlers and
+sessions receive the object they were started with.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import math
+import os
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SSEPROXY_"
+CONFIG_ENV = "SSEPROXY_CONFIG"
+DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
+
+
+def _choice(*values: str) -> dict[str, Any]:
+    return {"choices": values}
+
+
+def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
+    return {"min": lo, "max": hi}
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    host: str = "127.0.0.1"
+    port: int = field(default=8080, metadata=_range(0, 65535))
+    workers: int = field(default=1, metadata=_range(1, 256))
+    shutdown_grace_s: float = field(default=30.0, metadata=_range(0, 3600))
+    #: The ``retry:`` sent first on every EventSource stream (milliseconds).
+    retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
+    #: gzip for ordinary (non-stream) responses; streams are never compressed.
+    compress_response: bool = True
+
+
+@dataclass(frozen=True)
+class UpstreamSettings:
+    #: ``mock``: the built-in simulator (started in-process when ``base_url`` is empty);
+    #: ``openai``: any OpenAI-compatible API; ``local`` is reserved for a bundled model.
+    kind: str = field(default="mock", metadata=_choice("mock", "openai", "local"))
+    base_url: str = ""
+    api_key_env: str = "OPENAI_API_KEY"
+    model: str = "gpt-4o-mini"
+    connect_timeout_s: float = field(default=10.0, metadata=_range(0.001, 600))
+    first_token_timeout_s: float = field(default=60.0, metadata=_range(0.001, 3600))
+    idle_timeout_s: float = field(default=60.0, metadata=_range(0.001, 3600))
+    max_connections: int = field(default=1000, metadata=_range(1, 1_000_000))
+    max_keepalive_connections: int = field(default=100, metadata=_range(0, 1_000_000))
+    keepalive_expiry_s: float = field(default=30.0, metadata=_range(0, 3600))
+
+
+@dataclass(frozen=True)
+class HeartbeatSettings:
+    interval_s: float = field(default=15.0, metadata=_range(0.01, 3600))
+
+
+@dataclass(frozen=True)
+class LimitsSettings:
+    max_body_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+    max_streams: int = field(default=1000, metadata=_range(1, 1_000_000))
+    max_messages: int = field(default=256, metadata=_range(1, 100_000))
+    #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
+    max_prompt_chars: int = field(default=100_000, metadata=_range(1, 1 << 30))
+    #: Largest single SSE event accepted from the upstream (UTF-8 bytes).
+    max_event_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+
+
+@dataclass(frozen=True)
+class LoggingSettings:
+    format: str = field(default="auto", metadata=_choice("auto", "json", "console"))
+    level: str = field(
+        default="info", metadata=_choice("debug", "info", "warning", "error", "critical")
+    )
+    #: Log prompt text in the canonical line (off: prompts are private).
+    log_prompts: bool = False
+
+
+@dataclass(frozen=True)
+class Persona:
+    system: str
+    model: str | None = None
+    title: str | None = None
+
+
+@dataclass(frozen=True)
+class Settings:
+    server: ServerSettings = ServerSettings()
+    upstream: UpstreamSettings = UpstreamSettings()
+    heartbeat: HeartbeatSettings = HeartbeatSettings()
+    limits: LimitsSettings = LimitsSettings()
+    logging: LoggingSettings = LoggingSettings()
+    personas: Mapping[str, Persona] = field(default_factory=dict)
+    #: The file these settings were read from, if any (SIGHUP re-reads it).
+    source: str | None = None
+
+    @property
+    def upstream_url(self) -> str:
+        """Where chat completions are posted (without the ``/chat/completions`` suffix)."""
+        if self.upstream.base_url:
+            return self.upstream.base_url.rstrip("/")
+        if self.upstream.kind == "openai":
+            return DEFAULT_OPENAI_URL
+        return ""
+
+
+SECTIONS: dict[str, type[Any]] = {
+    "server": ServerSettings,
+    "upstream": UpstreamSettings,
+    "heartbeat": HeartbeatSettings,
+    "limits": LimitsSettings,
+    "logging": LoggingSettings,
+}
+PERSONA_KEYS = ("system", "model", "title")
+
+
+def _nearest(name: str, options: typing.Iterable[str]) -> str:
+    match = difflib.get_close_matches(name, list(options), n=1, cutoff=0.5)
+    return f" (did you mean {match[0]!r}?)" if match else ""
+
+
+def _field_type(cls: type[Any], name: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    return hints[name]
+
+
+def _coerce(key: str, value: Any, typ: Any, from_text: bool) -> Any:
+    """Convert one raw value (TOML or environment text) to the field's type, or fail."""
+    optional = isinstance(typ, types.UnionType) and type(None) in typing.get_args(typ)
+    if optional:
+        if value is None or (from_text and value == ""):
+            return None
+        typ = next(t for t in typing.get_args(typ) if t is not type(None))
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if from_text and isinstance(value, str) and value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if from_text and isinstance(value, str) and value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key} = {value!r}: expected true or false")
+    if typ is int:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected an integer")
+        if isinstance(value, int):
+            return value
+        if from_text and isinstance(value, str):
+            try:
+                return int(value.strip())
+            except ValueError:
+                pass
+        raise ConfigError(f"{key} = {value!r}: expected an integer")
+    if typ is float:
+        if isinstance(value, bool):
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        if isinstance(value, (int, float)):
+            number = float(value)
+        elif from_text and isinstance(value, str):
+            try:
+                number = float(value.strip())
+            except ValueError:
+                raise ConfigError(f"{key} = {value!r}: expected a number") from None
+        else:
+            raise ConfigError(f"{key} = {value!r}: expected a number")
+        if not math.isfinite(number):
+            raise ConfigError(f"{key} = {value!r}: expected a finite number")
+        return number
+    if typ is str:
+        if isinstance(value, str):
+            return value
+        raise ConfigError(f"{key} = {value!r}: expected a string")
+    raise ConfigError(f"{key}: unsupported type {typ!r}")  # pragma: no cover - a bug here
+
+
+def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    choices = meta.get("choices")
+    if choices is not None and value not in choices:
+        allowed = ", ".join(repr(c) for c in choices)
+        raise ConfigError(f"{key} = {value!r}: must be one of {allowed}")
+    lo, hi = meta.get("min"), meta.get("max")
+    if lo is not None and value < lo:
+        raise ConfigError(f"{key} = {value!r}: must be at least {lo}")
+    if hi is not None and value > hi:
+        raise ConfigError(f"{key} = {value!r}: must be at most {hi}")
+
+
+def _build_section(
+    section: str, cls: type[Any], values: Mapping[str, tuple[Any, bool]]
+) -> Any:
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    kwargs: dict[str, Any] = {}
+    for name, (raw, from_text) in values.items():
+        key = f"{section}.{name}"
+        if name not in fields:
+            raise ConfigError(f"unknown key {key!r}{_nearest(name, fields)}")
+        value = _coerce(key, raw, _field_type(cls, name), from_text)
+        _check(key, value, fields[name].metadata)
+        kwargs[name] = value
+    return cls(**kwargs)
+
+
+def _personas(raw: Any) -> dict[str, Persona]:
+    if not isinstance(raw, dict):
+        raise ConfigError("personas: expected a table of [personas.NAME] tables")
+    personas: dict[str, Persona] = {}
+    for name, table in raw.items():
+        key = f"personas.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{key}: expected a table with 'system' (and optional 'model', "
+                              "'title')")
+        for k in table:
+            if k not in PERSONA_KEYS:
+                raise ConfigError(f"unknown key '{key}.{k}'{_nearest(k, PERSONA_KEYS)}")
+        system = table.get("system")
+        if not isinstance(system, str) or not system.strip():
+            raise ConfigError(f"{key}.system: expected a non-empty string")
+        for k in ("model", "title"):
+            if k in table and not isinstance(table[k], str):
+                raise ConfigError(f"{key}.{k} = {table[k]!r}: expected a string")
+        personas[name] = Persona(system=system, model=table.get("model"), title=table.get("title"))
+    return personas
+
+
+def read_file(path: str) -> dict[str, Any]:
+    """Parse a TOML config file (no validation beyond TOML syntax)."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file {path!r} not found") from None
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
+
+
+def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
+    """``SSEPROXY_<SECTION>_<KEY>`` variables as ``{section: {key: text}}``."""
+    out: dict[str, dict[str, str]] = {}
+    for name, value in environ.items():
+        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+            continue
+        rest = name[len(ENV_PREFIX):]
+        section, _, key = rest.partition("_")
+        section, key = section.lower(), key.lower()
+        if section not in SECTIONS or not key:
+            valid = [f"{ENV_PREFIX}{s.upper()}_..." for s in SECTIONS] + [CONFIG_ENV]
+            raise ConfigError(
+                f"unknown environment variable {name}{_nearest(name, valid)}; "
+                f"sections are {', '.join(SECTIONS)}"
+            )
+        out.setdefault(section, {})[key] = value
+    return out
+
+
+def load(
+    path: str | None = None,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Build the settings from a file, the environment and ``{"section.key": value}`` flags.
+
+    ``path`` defaults to ``$SSEPROXY_CONFIG``; no file means defaults only.
+    """
+    environ = os.environ if environ is None else environ
+    path = path or environ.get(CONFIG_ENV) or None
+    raw = read_file(path) if path else {}
+
+    merged: dict[str, dict[str, tuple[Any, bool]]] = {s: {} for s in SECTIONS}
+    personas: dict[str, Persona] = {}
+    for section, table in raw.items():
+        if section == "personas":
+            personas = _personas(table)
+            continue
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"unknown section [{section}]{_nearest(section, [*SECTIONS, 'personas'])}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"[{section}] must be a table")
+        for key, value in table.items():
+            merged[section][key] = (value, False)
+    for section, table in env_overrides(environ).items():
+        for key, text in table.items():
+            merged[section][key] = (text, True)
+    for dotted, value in (overrides or {}).items():
+        section, _, key = dotted.partition(".")
+        if section not in SECTIONS:
+            raise ConfigError(f"unknown key {dotted!r}")
+        merged[section][key] = (value, isinstance(value, str))
+
+    built = {s: _build_section(s, cls, merged[s]) for s, cls in SECTIONS.items()}
+    settings = Settings(**built, personas=personas, source=path)
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    """Checks that span several keys."""
+    up = settings.upstream
+    if up.kind == "local":
+        raise ConfigError("upstream.kind = 'local': the bundled local model is not part of this "
+                          "build; use 'mock' or 'openai' with upstream.base_url")
+    url = settings.upstream_url
+    if url and not url.startswith(("http://", "https://")):
+        raise ConfigError(f"upstream.base_url = {up.base_url!r}: must start with http:// or "
+                          "https://")
+    for name in settings.personas:
+        if not name.replace("-", "").replace("_", "").isalnum():
+            raise ConfigError(f"personas.{name}: names use letters, digits, '-' and '_'")
+
+
+def api_key(settings: Settings, environ: Mapping[str, str] | None = None) -> str | None:
+    """The upstream API key, read from the environment variable the config names."""
+    environ = os.environ if environ is None else environ
+    if settings.upstream.kind != "openai":
+        return None
+    return environ.get(settings.upstream.api_key_env) or None
+
+
+def describe(settings: Settings) -> dict[str, Any]:
+    """The effective settings as plain data (for ``check-config``); never includes keys."""
+    out: dict[str, Any] = {s: dataclasses.asdict(getattr(settings, s)) for s in SECTIONS}
+    out["personas"] = {n: dataclasses.asdict(p) for n, p in settings.personas.items()}
+    return out

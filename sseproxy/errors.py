@@ -1,0 +1,234 @@
+"""The one error tree of sseproxy.
+
+Every failure a client can see is one of these classes. httpx and decoder
+exceptions are translated into it once, at the boundary where they happen
+(``raise ... from exc``), so handlers only ever deal with this tree::
+
+    SSEProxyError                      code            HTTP (before headers)
+    ├── ConfigError                    (start-up / reload only, never sent to a client)
+    ├── RequestError                   invalid_request        400
+    │   ├── UnknownPersona             unknown_persona        400
+    │   └── BodyTooLarge               body_too_large         413
+    ├── Overloaded                     overloaded             429 (an ``event: error`` on
+    │                                                          EventSource URLs, never a 503)
+    ├── SSEDecodeError                 (the codec's own; wrapped into MalformedFrame upstream)
+    │   └── EventTooLarge
+    └── UpstreamError                                         502 unless said otherwise
+        ├── UpstreamUnreachable        upstream_unreachable   502  connect failure, DNS, refused
+        ├── UpstreamStatusError        the upstream's code    400/404/422 kept, 429 kept
+        │                                                      (with Retry-After), 401/403 and
+        │                                                      5xx → 502
+        ├── UpstreamTimeout            upstream_timeout       504
+        │   ├── FirstTokenTimeout      first token did not arrive in upstream.first_token_timeout_s
+        │   └── IdleTimeout            no frame for upstream.idle_timeout_s between frames
+        └── UpstreamProtocolError      upstream_protocol_error 502
+            ├── MalformedFrame         a frame that is not an OpenAI chunk (or too large)
+            ├── UpstreamStreamError    an ``{"error": …}`` object inside the stream; its code kept
+            └── IncompleteStream       ended without ``[DONE]`` or a ``finish_reason``
+
+Before response headers are sent an error is an HTTP status with the
+OpenAI-shaped body from :meth:`SSEProxyError.to_body`; after, it is an error
+event (``event: error`` on the EventSource endpoints, ``data: {"error": …}`` on
+the OpenAI-compatible one) followed by a clean end of the stream.
+
+Messages are written for the person calling sseproxy: they say what was wrong
+and never carry upstream headers, API keys or the upstream's URL.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+
+class SSEProxyError(Exception):
+    """Base of every sseproxy error."""
+
+    status: ClassVar[int] = 500
+    code: ClassVar[str] = "internal_error"
+    type: ClassVar[str] = "server_error"
+    #: Whether a client may usefully try again later (EventSource gets a retry hint).
+    retryable: ClassVar[bool] = False
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def error_code(self) -> str:
+        return self.code
+
+    def http_status(self) -> int:
+        return self.status
+
+    def headers(self) -> dict[str, str]:
+        """Extra response headers for the HTTP form of this error."""
+        return {}
+
+    def to_body(self) -> dict[str, Any]:
+        """The OpenAI-shaped error object: ``{"error": {"type", "code", "message"}}``."""
+        return {"error": {"type": self.type, "code": self.error_code(), "message": self.message}}
+
+
+class ConfigError(SSEProxyError):
+    """An invalid configuration file, environment variable or flag."""
+
+    code = "config_error"
+
+
+# --- the client's request ---------------------------------------------------
+
+
+class RequestError(SSEProxyError):
+    """The request is invalid; nothing was sent upstream."""
+
+    status = 400
+    code = "invalid_request"
+    type = "invalid_request_error"
+
+
+class UnknownPersona(RequestError):
+    code = "unknown_persona"
+
+
+class BodyTooLarge(RequestError):
+    status = 413
+    code = "body_too_large"
+
+
+class Overloaded(SSEProxyError):
+    """This process already serves ``limits.max_streams`` streams."""
+
+    status = 429
+    code = "overloaded"
+    type = "rate_limit_error"
+    retryable = True
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"sseproxy is serving its limit of {limit} streams; try again shortly")
+
+    def headers(self) -> dict[str, str]:
+        return {"Retry-After": "1"}
+
+
+# --- the SSE codec ----------------------------------------------------------
+
+
+class SSEDecodeError(SSEProxyError):
+    """The SSE decoder could not accept its input."""
+
+    code = "sse_decode_error"
+
+
+class EventTooLarge(SSEDecodeError):
+    """One event grew past the decoder's size limit."""
+
+    code = "event_too_large"
+
+
+# --- the upstream -----------------------------------------------------------
+
+
+class UpstreamError(SSEProxyError):
+    """The upstream model API failed."""
+
+    status = 502
+    code = "upstream_error"
+    type = "upstream_error"
+
+
+class UpstreamUnreachable(UpstreamError):
+    code = "upstream_unreachable"
+    retryable = True
+
+
+class UpstreamStatusError(UpstreamError):
+    """The upstream answered with an HTTP error status.
+
+    The upstream's own OpenAI error ``code`` and ``message`` are kept (so a
+    client sees ``context_length_exceeded`` or ``model_not_found``); its headers
+    are not, except a ``Retry-After`` on 429.
+    """
+
+    #: Upstream statuses that describe the client's request and are passed on as they are.
+    PASSED_ON: ClassVar[frozenset[int]] = frozenset({400, 404, 409, 413, 422, 429})
+
+    def __init__(
+        self,
+        upstream_status: int,
+        message: str,
+        *,
+        upstream_code: str | None = None,
+        upstream_type: str | None = None,
+        retry_after: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.upstream_status = upstream_status
+        self.upstream_code = upstream_code
+        self.upstream_type = upstream_type
+        self.retry_after = retry_after
+
+    @property
+    def retryable(self) -> bool:  # type: ignore[override]  # depends on the status
+        return self.upstream_status == 429 or self.upstream_status >= 500
+
+    def error_code(self) -> str:
+        if self.upstream_status in (401, 403):
+            # sseproxy's own key was refused: "invalid_api_key" would mislead the client.
+            return "upstream_auth_failed"
+        if self.upstream_code:
+            return self.upstream_code
+        if self.upstream_status == 429:
+            return "rate_limited"
+        return f"upstream_http_{self.upstream_status}"
+
+    def http_status(self) -> int:
+        if self.upstream_status in self.PASSED_ON:
+            return self.upstream_status
+        return 502
+
+    def headers(self) -> dict[str, str]:
+        if self.upstream_status == 429 and self.retry_after:
+            return {"Retry-After": self.retry_after}
+        return {}
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["type"] = self.upstream_type or self.type
+        return body
+
+
+class UpstreamTimeout(UpstreamError):
+    status = 504
+    code = "upstream_timeout"
+    retryable = True
+
+
+class FirstTokenTimeout(UpstreamTimeout):
+    pass
+
+
+class IdleTimeout(UpstreamTimeout):
+    pass
+
+
+class UpstreamProtocolError(UpstreamError):
+    code = "upstream_protocol_error"
+
+
+class MalformedFrame(UpstreamProtocolError):
+    pass
+
+
+class UpstreamStreamError(UpstreamProtocolError):
+    """The upstream sent an ``{"error": {...}}`` object inside its stream."""
+
+    def __init__(self, message: str, *, upstream_code: str | None = None) -> None:
+        super().__init__(message)
+        self.upstream_code = upstream_code
+
+    def error_code(self) -> str:
+        return self.upstream_code or "upstream_stream_error"
+
+
+class IncompleteStream(UpstreamProtocolError):
+    code = "upstream_incomplete"
+    retryable = True

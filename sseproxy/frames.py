@@ -1,0 +1,123 @@
+"""Wire formats: how a session's deltas, end and errors become bytes for one endpoint.
+
+Two formats share one interface (:class:`Frames`):
+
+* :class:`EventSourceFrames` — the EventSource endpoints: ``retry:`` first,
+  ``id: <stream_id>.<n>`` on every event with ``n`` counting 1, 2, 3, … without
+  gaps, unnamed delta events ``{"content": …}``, ``event: done`` and
+  ``event: error``.
+* :class:`OpenAIFrames` — ``POST /v1/chat/completions``: OpenAI
+  ``chat.completion.chunk`` frames, ending ``data: [DONE]``; an error after the
+  headers is a ``data: {"error": …}`` frame (as OpenAI sends it), with no
+  ``[DONE]`` after it.
+
+A format only builds bytes; it never writes or waits.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Mapping
+from typing import Any, Protocol
+
+from . import sse
+from .errors import SSEProxyError
+from .upstream import Delta
+
+HEARTBEAT = sse.encode(comment="ping")
+
+
+def dumps(obj: Any) -> str:
+    """Compact JSON that keeps non-ASCII text as it is (smaller frames for CJK and emoji)."""
+    return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+class Frames(Protocol):
+    heartbeat: bytes
+
+    def delta(self, delta: Delta) -> bytes:
+        """The frame for one delta (``b""`` when it carries nothing this format shows)."""
+
+    def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes: ...
+
+    def error(self, error: SSEProxyError) -> bytes: ...
+
+
+def error_object(error: SSEProxyError) -> dict[str, Any]:
+    """The ``{"error": …}`` object of an error event, with a hint whether retrying may help."""
+    body = error.to_body()
+    body["error"]["retryable"] = bool(error.retryable)
+    return body
+
+
+class EventSourceFrames:
+    heartbeat = HEARTBEAT
+
+    def __init__(self, stream_id: str, retry_ms: int) -> None:
+        self.stream_id = stream_id
+        self.retry_ms = retry_ms
+        self.last_n = 0
+        self._prefix = stream_id + "."
+
+    def opening(self) -> bytes:
+        return sse.encode(retry=self.retry_ms)
+
+    def _next_id(self) -> str:
+        self.last_n += 1
+        return f"{self._prefix}{self.last_n}"
+
+    def delta(self, delta: Delta) -> bytes:
+        if not delta.content:
+            return b""
+        return sse.encode_message(dumps({"content": delta.content}), self._next_id())
+
+    def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes:
+        data = dumps({"finish_reason": finish_reason, "usage": usage})
+        return sse.encode(data, event="done", id=self._next_id())
+
+    def error(self, error: SSEProxyError) -> bytes:
+        return sse.encode(dumps(error_object(error)), event="error", id=self._next_id())
+
+
+class OpenAIFrames:
+    heartbeat = HEARTBEAT
+
+    def __init__(
+        self,
+        completion_id: str,
+        created: int,
+        model: Callable[[], str],
+        include_usage: bool,
+    ) -> None:
+        self.completion_id = completion_id
+        self.created = created
+        self._model = model
+        self.include_usage = include_usage
+
+    def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
+        chunk: dict[str, Any] = {
+            "id": self.completion_id,
+            "object": "chat.completion.chunk",
+            "created": self.created,
+            "model": self._model(),
+            "choices": choices,
+        }
+        if self.include_usage:
+            chunk["usage"] = usage
+        return b"data: " + dumps(chunk).encode() + b"\n\n"
+
+    def delta(self, delta: Delta) -> bytes:
+        body: dict[str, Any] = {}
+        if delta.role is not None:
+            body["role"] = delta.role
+        body["content"] = delta.content
+        return self._chunk([{"index": 0, "delta": body, "finish_reason": None}])
+
+    def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes:
+        out = self._chunk([{"index": 0, "delta": {}, "finish_reason": finish_reason}])
+        if self.include_usage:
+            out += self._chunk([], usage=dict(usage) if usage else None)
+        return out + b"data: [DONE]\n\n"
+
+    def error(self, error: SSEProxyError) -> bytes:
+        return b"data: " + dumps(error.to_body()).encode() + b"\n\n"

@@ -1,0 +1,329 @@
+"""Tornado handlers: thin wiring from a request to validation, a session and a wire format.
+
+Handlers get their dependencies through ``initialize()`` (see :mod:`sseproxy.app`).
+Streaming handlers send their headers before the first token and flush every
+frame as it is written; they never send ``ETag``, ``Content-Length`` or
+``Content-Encoding`` (the app-wide gzip transform is removed for them).
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+import time
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import structlog
+import tornado.web
+from tornado.iostream import StreamClosedError
+
+from . import __version__, errors, validate
+from .config import Settings
+from .frames import EventSourceFrames, OpenAIFrames, dumps
+from .session import ClientGone, StreamSession
+from .upstream import UpstreamClient
+
+log = structlog.get_logger("sseproxy.http")
+
+STREAM_HEADERS = {
+    "Content-Type": "text/event-stream; charset=utf-8",
+    "Cache-Control": "no-cache, no-transform",
+    "X-Accel-Buffering": "no",
+}
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
+
+
+class StreamSlots:
+    """Counts running streams against ``limits.max_streams``."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.active = 0
+
+    def acquire(self) -> bool:
+        if self.active >= self.limit:
+            return False
+        self.active += 1
+        return True
+
+    def release(self) -> None:
+        self.active -= 1
+
+
+@dataclass
+class Deps:
+    """What handlers need, built once per process."""
+
+    settings: Settings
+    upstream: UpstreamClient
+    slots: StreamSlots
+
+
+def new_stream_id() -> str:
+    return secrets.token_hex(12)
+
+
+class BaseHandler(tornado.web.RequestHandler):
+    deps: Deps
+    request_id: str
+
+    def initialize(self, deps: Deps) -> None:
+        self.deps = deps
+
+    @property
+    def settings_(self) -> Settings:
+        return self.deps.settings
+
+    def prepare(self) -> None:
+        given = self.request.headers.get("X-Request-ID", "")
+        self.request_id = given if _REQUEST_ID.match(given) else uuid.uuid4().hex
+        self.set_header("X-Request-ID", self.request_id)
+        structlog.contextvars.clear_contextvars()
+        structlog.contextvars.bind_contextvars(request_id=self.request_id)
+
+    def send_error_object(self, error: errors.SSEProxyError) -> None:
+        """An error before any byte of the body: HTTP status + OpenAI-shaped JSON."""
+        self.clear()
+        self.set_header("X-Request-ID", self.request_id)
+        self.set_status(error.http_status())
+        for name, value in error.headers().items():
+            self.set_header(name, value)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps(error.to_body()))
+
+    def write_error(self, status_code: int, **kwargs: Any) -> None:
+        exc = kwargs.get("exc_info", (None, None, None))[1]
+        if isinstance(exc, errors.SSEProxyError):
+            self.send_error_object(exc)
+            return
+        reason = self._reason or "error"
+        code = "not_found" if status_code == 404 else reason.lower().replace(" ", "_")
+        etype = "invalid_request_error" if status_code < 500 else "server_error"
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({"error": {"type": etype, "code": code, "message": reason}}))
+
+
+class StreamingHandler(BaseHandler):
+    """Shared parts of the handlers that answer with an event stream."""
+
+    session: StreamSession | None = None
+
+    def compute_etag(self) -> str | None:
+        return None
+
+    def start_stream(self) -> None:
+        """Set the stream headers (before the first flush)."""
+        # Streams are never compressed: gzip would hold frames back until its buffer fills.
+        # Transforms run at the first flush, so dropping gzip here is in time.
+        self._transforms = [
+            t for t in self._transforms
+            if not isinstance(t, tornado.web.GZipContentEncoding)
+        ]
+        for name, value in STREAM_HEADERS.items():
+            self.set_header(name, value)
+
+    async def send(self, data: bytes) -> None:
+        """:class:`~sseproxy.session.Sink`: write and flush at once."""
+        self.write(data)
+        try:
+            await self.flush()
+        except StreamClosedError:
+            raise ClientGone from None
+
+    def on_connection_close(self) -> None:
+        if self.session is not None:
+            self.session.client_closed()
+
+    def new_session(self, req: validate.ChatRequest, stream_id: str) -> StreamSession:
+        structlog.contextvars.bind_contextvars(stream_id=stream_id)
+        fields: dict[str, Any] = {"persona": req.persona, "model": req.model,
+                                  "prompt_chars": req.prompt_chars}
+        if self.settings_.logging.log_prompts:
+            fields["prompt"] = req.messages[-1].get("content")
+        self.session = StreamSession(
+            self.deps.upstream,
+            req.upstream_body(),
+            stream_id=stream_id,
+            heartbeat_s=self.settings_.heartbeat.interval_s,
+            endpoint=self.endpoint,
+            request_id=self.request_id,
+            log_fields=fields,
+        )
+        return self.session
+
+    endpoint = "stream"
+
+    def finish_quietly(self) -> None:
+        if not self._finished:
+            try:
+                self.finish()
+            except StreamClosedError:
+                pass
+
+
+@tornado.web.stream_request_body
+class ChatCompletionsHandler(StreamingHandler):
+    """``POST /v1/chat/completions``: the OpenAI-compatible endpoint."""
+
+    endpoint = "chat_completions"
+
+    def prepare(self) -> None:
+        super().prepare()
+        self._body = bytearray()
+        self._too_large = False
+        limit = self.settings_.limits.max_body_bytes
+        length = self.request.headers.get("Content-Length")
+        if length is not None and length.isdigit() and int(length) > limit:
+            self.send_error_object(errors.BodyTooLarge(
+                f"the request body has {length} bytes; at most {limit} are allowed"
+            ))
+
+    def data_received(self, chunk: bytes) -> None:
+        if self._too_large:
+            return
+        self._body += chunk
+        if len(self._body) > self.settings_.limits.max_body_bytes:
+            self._too_large = True
+            self._body = bytearray()
+
+    async def post(self) -> None:
+        limit = self.settings_.limits.max_body_bytes
+        try:
+            if self._too_large:
+                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
+            req = validate.chat_completion(bytes(self._body), self.settings_)
+        except errors.RequestError as exc:
+            log.info("request_rejected", code=exc.error_code(), reason=exc.message)
+            self.send_error_object(exc)
+            return
+        if not self.deps.slots.acquire():
+            self.send_error_object(errors.Overloaded(self.deps.slots.limit))
+            return
+        try:
+            await self._relay(req)
+        finally:
+            self.deps.slots.release()
+
+    async def _relay(self, req: validate.ChatRequest) -> None:
+        stream_id = new_stream_id()
+        session = self.new_session(req, stream_id)
+        try:
+            await session.accepted()
+        except errors.SSEProxyError as exc:
+            session.reject(exc)
+            self.send_error_object(exc)
+            return
+        except ClientGone:
+            session.log_line()
+            return
+        completion_id = f"chatcmpl-{stream_id}"
+        created = int(time.time())
+        if not req.stream:
+            await self._collect(session, req, completion_id, created)
+            return
+        self.start_stream()
+        frames = OpenAIFrames(
+            completion_id, created, lambda: session.model or req.model, req.include_usage
+        )
+        try:
+            await self.flush()
+        except StreamClosedError:
+            session.client_closed()
+        await session.relay(self, frames)
+        self.finish_quietly()
+
+    async def _collect(
+        self, session: StreamSession, req: validate.ChatRequest, completion_id: str, created: int
+    ) -> None:
+        try:
+            text = await session.collect()
+        except errors.SSEProxyError as exc:
+            self.send_error_object(exc)
+            return
+        except ClientGone:
+            return
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({
+            "id": completion_id,
+            "object": "chat.completion",
+            "created": created,
+            "model": session.model or req.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": text},
+                "finish_reason": session.finish_reason,
+            }],
+            "usage": dict(session.usage) if session.usage else None,
+        }))
+
+
+class ChatStreamHandler(StreamingHandler):
+    """``GET /v1/chat/stream?prompt=…&persona=…``: the one-turn EventSource endpoint."""
+
+    endpoint = "chat_stream"
+
+    async def get(self) -> None:
+        last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
+            "last_event_id", ""
+        )
+        if last_id:
+            # A reconnect never starts a new generation; 204 stops EventSource for good.
+            log.info("reconnect_refused", last_event_id=last_id[:200])
+            self.set_status(204)
+            self.finish()
+            return
+        args = {k: self.get_query_argument(k) for k in ("prompt", "persona")
+                if self.get_query_argument(k, None) is not None}
+        try:
+            req = validate.stream_query(args, self.settings_)
+        except errors.RequestError as exc:
+            log.info("request_rejected", code=exc.error_code(), reason=exc.message)
+            self.send_error_object(exc)
+            return
+        stream_id = new_stream_id()
+        frames = EventSourceFrames(stream_id, self.settings_.server.retry_ms)
+        self.start_stream()
+        self.set_header("X-Stream-ID", stream_id)
+        if not self.deps.slots.acquire():
+            # Never a bare 503 on an EventSource URL: the browser would not say why.
+            await self._send_quietly(frames.opening() + frames.error(
+                errors.Overloaded(self.deps.slots.limit)))
+            self.finish_quietly()
+            return
+        try:
+            session = self.new_session(req, stream_id)
+            session.start()
+            try:
+                await self.send(frames.opening())
+            except ClientGone:
+                session.client_closed()
+            await session.relay(self, frames)
+        finally:
+            self.deps.slots.release()
+        self.finish_quietly()
+
+    async def _send_quietly(self, data: bytes) -> None:
+        try:
+            await self.send(data)
+        except ClientGone:
+            pass
+
+
+class HealthHandler(BaseHandler):
+    async def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.finish({"status": "ok", "version": __version__})
+
+
+class ReadyHandler(BaseHandler):
+    async def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.finish({"status": "ready", "streams": self.deps.slots.active})
+
+
+class NotFoundHandler(BaseHandler):
+    def prepare(self) -> None:
+        super().prepare()
+        raise tornado.web.HTTPError(404)

@@ -1,0 +1,371 @@
+"""One generation: upstream deltas → outgoing frames, with its outcome and canonical log line.
+
+A :class:`StreamSession` runs two coroutines:
+
+* the *pump* (a task the session owns) opens the upstream request, reads its
+  deltas and puts them in a bounded :class:`Channel`, ending with an end or a
+  failure item. When the channel is full the pump waits, so a slow client
+  slows the upstream read instead of growing memory;
+* the *writer* (:meth:`StreamSession.relay`, run by the handler) is the only
+  code that writes to the client: it takes every item that is ready, turns
+  them into bytes with a :class:`~sseproxy.frames.Frames` format, writes them
+  in one write and waits for the flush (backpressure, and the way a closed
+  client is noticed). When nothing arrives for ``heartbeat.interval_s`` it
+  writes a ``: ping`` comment instead; since it is the only writer, a ping
+  never lands inside a frame.
+
+When the client goes away (a failed flush, or the handler's
+``on_connection_close``), the pump is cancelled and the upstream response
+closed at once. The session logs one canonical ``stream`` line at its end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import time
+from collections import deque
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol
+
+import structlog
+
+from . import errors
+from .frames import Frames
+from .upstream import ChatStream, Delta, UpstreamClient
+
+log = structlog.get_logger("sseproxy.stream")
+
+#: Items the pump may queue before it waits for the writer.
+CHANNEL_HIGH_WATER = 256
+#: How long a cancelled pump gets to close the upstream response.
+PUMP_CLOSE_TIMEOUT_S = 2.0
+
+
+class Outcome(enum.StrEnum):
+    """How a stream ended (the ``outcome`` label and log field)."""
+
+    COMPLETED = "completed"
+    CLIENT_CLOSED = "client_closed"
+    UPSTREAM_ERROR = "upstream_error"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    CANCELLED = "cancelled"
+    REJECTED = "rejected"
+    INTERNAL_ERROR = "internal_error"
+
+
+def outcome_of(error: errors.SSEProxyError) -> Outcome:
+    if isinstance(error, errors.UpstreamTimeout):
+        return Outcome.UPSTREAM_TIMEOUT
+    if isinstance(error, errors.UpstreamError):
+        return Outcome.UPSTREAM_ERROR
+    if isinstance(error, errors.RequestError):
+        return Outcome.REJECTED
+    return Outcome.INTERNAL_ERROR
+
+
+class ClientGone(Exception):
+    """The client closed the connection (raised by a sink or a closed channel)."""
+
+
+class Sink(Protocol):
+    async def send(self, data: bytes) -> None:
+        """Write and flush; raise :class:`ClientGone` when the client has left."""
+
+
+@dataclass(frozen=True, slots=True)
+class End:
+    finish_reason: str
+    usage: Mapping[str, Any] | None
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    error: errors.SSEProxyError
+
+
+Item = Delta | End | Failed
+
+
+class Channel:
+    """A single-producer, single-consumer queue with a high-water mark and ``close()``.
+
+    ``get_batch`` returns every queued item at once (so frames due together go
+    out in one write), or ``None`` when ``timeout`` passes with nothing queued.
+    """
+
+    def __init__(self, high_water: int = CHANNEL_HIGH_WATER) -> None:
+        self._items: deque[Item] = deque()
+        self._high_water = high_water
+        self._loop = asyncio.get_running_loop()
+        self._getter: asyncio.Future[None] | None = None
+        self._putter: asyncio.Future[None] | None = None
+        self.closed = False
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    @staticmethod
+    def _wake(fut: asyncio.Future[None] | None) -> None:
+        if fut is not None and not fut.done():
+            fut.set_result(None)
+
+    def put_nowait(self, item: Item) -> None:
+        self._items.append(item)
+        self._wake(self._getter)
+
+    async def put(self, item: Item) -> None:
+        self.put_nowait(item)
+        while len(self._items) >= self._high_water and not self.closed:
+            self._putter = self._loop.create_future()
+            await self._putter
+
+    def close(self) -> None:
+        """Wake both sides; ``get_batch`` then raises :class:`ClientGone`."""
+        self.closed = True
+        self._wake(self._getter)
+        self._wake(self._putter)
+
+    async def get_batch(self, timeout: float) -> list[Item] | None:
+        if not self._items and not self.closed:
+            self._getter = fut = self._loop.create_future()
+            timer = self._loop.call_later(timeout, self._wake, fut)
+            try:
+                await fut
+            finally:
+                timer.cancel()
+                self._getter = None
+        if self.closed:
+            raise ClientGone
+        if not self._items:
+            return None
+        items = list(self._items)
+        self._items.clear()
+        self._wake(self._putter)
+        return items
+
+
+class StreamSession:
+    """One upstream generation relayed to one client."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        body: Mapping[str, Any],
+        *,
+        stream_id: str,
+        heartbeat_s: float,
+        endpoint: str,
+        request_id: str | None = None,
+        log_fields: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.body = body
+        self.stream_id = stream_id
+        self.heartbeat_s = heartbeat_s
+        self.endpoint = endpoint
+        self.request_id = request_id
+        self.log_fields = dict(log_fields or {})
+        self.channel = Channel()
+        self.started = time.monotonic()
+        self.ttft_s: float | None = None
+        self.events = 0
+        self.bytes = 0
+        self.heartbeats = 0
+        self.outcome: Outcome | None = None
+        self.error: errors.SSEProxyError | None = None
+        self.finish_reason: str | None = None
+        self.usage: Mapping[str, Any] | None = None
+        self._chat: ChatStream | None = None
+        self._accepted = asyncio.Event()
+        self._open_error: errors.SSEProxyError | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._logged = False
+
+    # --- the pump ------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._pump_task is None:
+            self._pump_task = asyncio.create_task(self._pump(), name=f"pump-{self.stream_id}")
+
+    @property
+    def upstream_status(self) -> int | None:
+        return self._chat.status if self._chat is not None else None
+
+    @property
+    def model(self) -> str | None:
+        return self._chat.model if self._chat is not None else None
+
+    async def _pump(self) -> None:
+        usage: Mapping[str, Any] | None = None
+        finish: str | None = None
+        try:
+            self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
+            async with chat:
+                self._accepted.set()
+                async for delta in chat.deltas():
+                    if delta.usage is not None:
+                        usage = delta.usage
+                    if delta.finish_reason is not None:
+                        finish = delta.finish_reason
+                    if delta.content or delta.role:
+                        await self.channel.put(delta)
+            await self.channel.put(End(finish or "stop", usage))
+        except errors.SSEProxyError as exc:
+            self._fail(exc)
+        except Exception:
+            log.exception("stream_internal_error", stream_id=self.stream_id)
+            self._fail(errors.SSEProxyError("sseproxy failed while relaying this reply"))
+        finally:
+            self._accepted.set()
+
+    def _fail(self, error: errors.SSEProxyError) -> None:
+        if not self._accepted.is_set():
+            self._open_error = error
+        self.channel.put_nowait(Failed(error))
+
+    async def accepted(self) -> None:
+        """Wait until the upstream accepted the request; raise its error if it did not.
+
+        Raises :class:`ClientGone` when the client left while waiting.
+        """
+        self.start()
+        await self._accepted.wait()
+        if self.channel.closed:
+            raise ClientGone
+        if self._open_error is not None:
+            raise self._open_error
+
+    async def _stop_pump(self) -> None:
+        task = self._pump_task
+        if task is None or task.done():
+            return
+        task.cancel()
+        await asyncio.wait([task], timeout=PUMP_CLOSE_TIMEOUT_S)
+
+    def client_closed(self) -> None:
+        """The client went away: stop the upstream now and wake the writer."""
+        if self.outcome is None:
+            self.outcome = Outcome.CLIENT_CLOSED
+        self.channel.close()
+        self._accepted.set()
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+
+    # --- the writer ------------------------------------------------------------
+
+    async def relay(self, sink: Sink, frames: Frames) -> Outcome:
+        """Write the generation to ``sink`` until it ends; return the outcome."""
+        self.start()
+        try:
+            while True:
+                items = await self.channel.get_batch(self.heartbeat_s)
+                if items is None:
+                    self.heartbeats += 1
+                    await self._send(sink, frames.heartbeat)
+                    continue
+                parts = []
+                done = False
+                for item in items:
+                    if isinstance(item, Delta):
+                        frame = frames.delta(item)
+                        if not frame:
+                            continue
+                        if self.ttft_s is None and item.content:
+                            self.ttft_s = time.monotonic() - self.started
+                    elif isinstance(item, End):
+                        self.finish_reason, self.usage = item.finish_reason, item.usage
+                        frame = frames.end(item.finish_reason, item.usage)
+                        self._finish(Outcome.COMPLETED)
+                        done = True
+                    else:
+                        self.error = item.error
+                        frame = frames.error(item.error)
+                        self._finish(outcome_of(item.error))
+                        done = True
+                    self.events += 1
+                    parts.append(frame)
+                    if done:
+                        break
+                if parts:
+                    await self._send(sink, b"".join(parts))
+                if done:
+                    break
+        except ClientGone:
+            self._finish(Outcome.CLIENT_CLOSED)
+        finally:
+            if self.outcome is None:
+                self._finish(Outcome.CANCELLED)
+            await self._stop_pump()
+            self.log_line()
+        assert self.outcome is not None
+        return self.outcome
+
+    async def collect(self) -> str:
+        """Read the whole reply (for ``stream: false``); raise the failure if there is one."""
+        self.start()
+        text: list[str] = []
+        try:
+            while True:
+                items = await self.channel.get_batch(self.heartbeat_s)
+                for item in items or ():
+                    if isinstance(item, Delta):
+                        if self.ttft_s is None and item.content:
+                            self.ttft_s = time.monotonic() - self.started
+                        text.append(item.content)
+                    elif isinstance(item, End):
+                        self.finish_reason, self.usage = item.finish_reason, item.usage
+                        self._finish(Outcome.COMPLETED)
+                        return "".join(text)
+                    else:
+                        self.error = item.error
+                        self._finish(outcome_of(item.error))
+                        raise item.error
+        except ClientGone:
+            self._finish(Outcome.CLIENT_CLOSED)
+            raise
+        finally:
+            if self.outcome is None:
+                self._finish(Outcome.CANCELLED)
+            await self._stop_pump()
+            self.log_line()
+
+    async def _send(self, sink: Sink, data: bytes) -> None:
+        await sink.send(data)
+        self.bytes += len(data)
+
+    def _finish(self, outcome: Outcome) -> None:
+        """Record the outcome; the first one wins (a client that left stays ``client_closed``)."""
+        if self.outcome is None:
+            self.outcome = outcome
+
+    def reject(self, error: errors.SSEProxyError) -> None:
+        """Record a failure that ended the stream before any relay (an HTTP error status)."""
+        self.error = error
+        self._finish(outcome_of(error))
+        self.log_line()
+
+    def log_line(self) -> None:
+        """The canonical log line of this stream (once)."""
+        if self._logged:
+            return
+        self._logged = True
+        usage = self.usage or {}
+        log.info(
+            "stream",
+            stream_id=self.stream_id,
+            endpoint=self.endpoint,
+            outcome=str(self.outcome),
+            duration_s=round(time.monotonic() - self.started, 4),
+            ttft_s=None if self.ttft_s is None else round(self.ttft_s, 4),
+            events=self.events,
+            bytes=self.bytes,
+            heartbeats=self.heartbeats,
+            upstream_status=self.upstream_status,
+            finish_reason=self.finish_reason,
+            error_code=self.error.error_code() if self.error else None,
+            prompt_tokens=usage.get("prompt_tokens"),
+            completion_tokens=usage.get("completion_tokens"),
+            **self.log_fields,
+        )

@@ -1,0 +1,252 @@
+"""Request validation: client input in, a checked :class:`ChatRequest` out, or a 400.
+
+Nothing reaches the upstream before it passes here. Every rejection is a
+:class:`~sseproxy.errors.RequestError` whose message names the offending field
+(``param``-style, as OpenAI does) and says what is allowed.
+
+sseproxy relays text chat. Parameters it relays unchanged are listed in
+:data:`PASSTHROUGH`; features whose replies it cannot relay faithfully (tool
+calls, several choices, log-probabilities, audio) are rejected with a clear
+message rather than silently dropped, and so are unknown parameters.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+from . import errors
+from .config import Settings
+
+ROLES = frozenset({"system", "developer", "user", "assistant"})
+MESSAGE_KEYS = frozenset({"role", "content", "name"})
+
+
+def _number(lo: float, hi: float) -> Any:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise errors.RequestError(f"'{name}' must be a number")
+        if not lo <= v <= hi:
+            raise errors.RequestError(f"'{name}' must be between {lo:g} and {hi:g}")
+    return check
+
+
+def _integer(lo: int) -> Any:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+            raise errors.RequestError(f"'{name}' must be an integer of at least {lo}")
+    return check
+
+
+def _typed(*types: type) -> Any:
+    def check(name: str, v: Any) -> None:
+        if isinstance(v, bool) and bool not in types or not isinstance(v, types):
+            kinds = " or ".join(t.__name__ for t in types)
+            raise errors.RequestError(f"'{name}' must be of type {kinds}")
+    return check
+
+
+def _stop(name: str, v: Any) -> None:
+    if isinstance(v, str):
+        return
+    if isinstance(v, list) and len(v) <= 4 and all(isinstance(s, str) for s in v):
+        return
+    raise errors.RequestError(f"'{name}' must be a string or a list of up to 4 strings")
+
+
+#: Parameters relayed to the upstream as they are, with their checks.
+PASSTHROUGH: dict[str, Any] = {
+    "temperature": _number(0, 2),
+    "top_p": _number(0, 1),
+    "presence_penalty": _number(-2, 2),
+    "frequency_penalty": _number(-2, 2),
+    "max_tokens": _integer(1),
+    "max_completion_tokens": _integer(1),
+    "seed": _integer(-(2**63)),
+    "stop": _stop,
+    "user": _typed(str),
+    "logit_bias": _typed(dict),
+    "response_format": _typed(dict),
+    "reasoning_effort": _typed(str),
+    "metadata": _typed(dict),
+}
+#: Parameters whose replies sseproxy cannot relay faithfully.
+UNSUPPORTED = frozenset({
+    "tools", "tool_choice", "functions", "function_call", "parallel_tool_calls",
+    "logprobs", "top_logprobs", "audio", "modalities", "prediction",
+})
+OWN = frozenset({"model", "messages", "stream", "stream_options", "n", "persona"})
+
+
+@dataclass(frozen=True)
+class ChatRequest:
+    """A validated chat request, ready for the upstream."""
+
+    messages: list[dict[str, Any]]
+    model: str
+    persona: str | None = None
+    stream: bool = True
+    include_usage: bool = False
+    params: dict[str, Any] = field(default_factory=dict)
+    prompt_chars: int = 0
+
+    def upstream_body(self) -> dict[str, Any]:
+        return {"model": self.model, "messages": self.messages, **self.params}
+
+
+def _text_of(content: Any, where: str) -> str:
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        texts = []
+        for i, part in enumerate(content):
+            if not isinstance(part, dict) or part.get("type") != "text":
+                raise errors.RequestError(
+                    f"'{where}.content[{i}]': only text parts are supported"
+                )
+            text = part.get("text")
+            if not isinstance(text, str):
+                raise errors.RequestError(f"'{where}.content[{i}].text' must be a string")
+            texts.append(text)
+        return "".join(texts)
+    raise errors.RequestError(f"'{where}.content' must be a string or a list of text parts")
+
+
+def _messages(raw: Any, settings: Settings) -> tuple[list[dict[str, Any]], int]:
+    limits = settings.limits
+    if not isinstance(raw, list) or not raw:
+        raise errors.RequestError("'messages' must be a non-empty list")
+    if len(raw) > limits.max_messages:
+        raise errors.RequestError(
+            f"'messages' has {len(raw)} entries; at most {limits.max_messages} are allowed"
+        )
+    chars = 0
+    out = []
+    for i, msg in enumerate(raw):
+        where = f"messages[{i}]"
+        if not isinstance(msg, dict):
+            raise errors.RequestError(f"'{where}' must be an object")
+        extra = set(msg) - MESSAGE_KEYS
+        if extra:
+            raise errors.RequestError(f"'{where}' has unsupported keys: {', '.join(sorted(extra))}")
+        role = msg.get("role")
+        if role not in ROLES:
+            raise errors.RequestError(
+                f"'{where}.role' must be one of {', '.join(sorted(ROLES))}"
+            )
+        if "name" in msg and not isinstance(msg["name"], str):
+            raise errors.RequestError(f"'{where}.name' must be a string")
+        chars += len(_text_of(msg.get("content"), where))
+        out.append(dict(msg))
+    if chars > limits.max_prompt_chars:
+        raise errors.RequestError(
+            f"the messages hold {chars} characters; at most {limits.max_prompt_chars} are allowed"
+        )
+    return out, chars
+
+
+def _persona(name: Any, settings: Settings) -> str | None:
+    """The persona's name (None when no persona is asked for)."""
+    if name is None or name == "":
+        return None
+    if not isinstance(name, str) or name not in settings.personas:
+        valid = ", ".join(sorted(settings.personas)) or "none are configured"
+        raise errors.UnknownPersona(f"unknown persona {name!r}; valid personas: {valid}")
+    return name
+
+
+def _with_persona(
+    messages: list[dict[str, Any]], persona: str | None, settings: Settings
+) -> list[dict[str, Any]]:
+    if persona is None:
+        return messages
+    return [{"role": "system", "content": settings.personas[persona].system}, *messages]
+
+
+def _model(requested: Any, persona: str | None, settings: Settings) -> str:
+    if requested is not None:
+        if not isinstance(requested, str) or not requested.strip() or len(requested) > 256:
+            raise errors.RequestError("'model' must be a non-empty string")
+        return requested
+    if persona is not None:
+        return settings.personas[persona].model or settings.upstream.model
+    return settings.upstream.model
+
+
+def parse_json(body: bytes) -> dict[str, Any]:
+    if not body:
+        raise errors.RequestError("the request body is empty; expected a JSON object")
+    try:
+        obj = json.loads(body)
+    except UnicodeDecodeError:
+        raise errors.RequestError("the request body is not UTF-8") from None
+    except ValueError as exc:
+        raise errors.RequestError(f"the request body is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise errors.RequestError("the request body must be a JSON object")
+    return obj
+
+
+def chat_completion(body: bytes, settings: Settings) -> ChatRequest:
+    """Validate a ``POST /v1/chat/completions`` body."""
+    obj = parse_json(body)
+    for key in obj:
+        if key in UNSUPPORTED:
+            raise errors.RequestError(f"'{key}' is not supported by sseproxy (text chat only)")
+        if key not in PASSTHROUGH and key not in OWN:
+            raise errors.RequestError(f"unknown parameter '{key}'")
+    stream = obj.get("stream", False)
+    if not isinstance(stream, bool):
+        raise errors.RequestError("'stream' must be true or false")
+    n = obj.get("n", 1)
+    if n != 1 or isinstance(n, bool):
+        raise errors.RequestError("'n' must be 1: sseproxy relays one choice")
+    include_usage = False
+    options = obj.get("stream_options")
+    if options is not None:
+        if not isinstance(options, dict) or set(options) - {"include_usage"}:
+            raise errors.RequestError("'stream_options' supports only 'include_usage'")
+        include_usage = options.get("include_usage", False)
+        if not isinstance(include_usage, bool):
+            raise errors.RequestError("'stream_options.include_usage' must be true or false")
+    params = {}
+    for key, check in PASSTHROUGH.items():
+        if key in obj and obj[key] is not None:
+            check(key, obj[key])
+            params[key] = obj[key]
+    persona = _persona(obj.get("persona"), settings)
+    messages, chars = _messages(obj.get("messages"), settings)
+    return ChatRequest(
+        messages=_with_persona(messages, persona, settings),
+        model=_model(obj.get("model"), persona, settings),
+        persona=persona,
+        stream=stream,
+        include_usage=include_usage,
+        params=params,
+        prompt_chars=chars,
+    )
+
+
+def stream_query(args: Mapping[str, str], settings: Settings) -> ChatRequest:
+    """Validate the query of ``GET /v1/chat/stream`` (``prompt``, optional ``persona``)."""
+    prompt = args.get("prompt", "")
+    if not prompt.strip():
+        raise errors.RequestError("'prompt' is required and must not be empty")
+    if len(prompt) > settings.limits.max_prompt_chars:
+        raise errors.RequestError(
+            f"'prompt' has {len(prompt)} characters; "
+            f"at most {settings.limits.max_prompt_chars} are allowed"
+        )
+    persona = _persona(args.get("persona") or None, settings)
+    messages = [{"role": "user", "content": prompt}]
+    return ChatRequest(
+        messages=_with_persona(messages, persona, settings),
+        model=_model(None, persona, settings),
+        persona=persona,
+        stream=True,
+        include_usage=True,
+        prompt_chars=len(prompt),
+    )

@@ -1,0 +1,140 @@
+"""Real servers for end-to-end tests: the simulator and sseproxy on 127.0.0.1, in the test's loop.
+
+``running()`` starts both, yields their URLs, and stops both, whatever the test did.
+Also a small EventSource-like reader that timestamps what arrives.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import json
+import time
+from collections.abc import AsyncIterator, Mapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+from tornado.testing import bind_unused_port
+
+from sseproxy import app, config, mockupstream, sse
+from sseproxy.config import Persona, Settings
+from sseproxy.handlers import Deps
+
+
+@dataclass
+class Running:
+    url: str
+    mock_url: str
+    settings: Settings
+    deps: Deps
+
+    async def mock_stats(self) -> dict[str, int]:
+        async with httpx.AsyncClient() as c:
+            r = await c.get(self.mock_url + "/mock/stats")
+            return dict(r.json())
+
+    async def wait_mock(self, key: str, value: int, within: float) -> float:
+        """Poll the simulator until ``stats[key] == value``; return how long it took."""
+        start = time.monotonic()
+        while True:
+            stats = await self.mock_stats()
+            if stats[key] == value:
+                return time.monotonic() - start
+            if time.monotonic() - start > within:
+                raise AssertionError(f"mock stats {stats}: {key} never became {value}")
+            await asyncio.sleep(0.02)
+
+
+@asynccontextmanager
+async def running(
+    scenario: mockupstream.Scenario | None = None,
+    *,
+    personas: Mapping[str, Persona] | None = None,
+    upstream_url: str | None = None,
+    **overrides: Any,
+) -> AsyncIterator[Running]:
+    """sseproxy in front of the simulator; ``scenario`` becomes the default model string."""
+    mock_server, mock_port = await mockupstream.start()
+    mock_url = f"http://127.0.0.1:{mock_port}"
+    keys = {"upstream.kind": "mock", "upstream.base_url": upstream_url or mock_url + "/v1"}
+    if scenario is not None:
+        keys["upstream.model"] = scenario.to_model()
+    keys.update({k.replace("__", "."): v for k, v in overrides.items()})
+    settings = config.load(environ={}, overrides=keys)
+    if personas:
+        settings = dataclasses.replace(settings, personas=dict(personas))
+    deps = await app.build_deps(settings)
+    server = app.make_server(app.make_app(settings, deps), settings)
+    sock, port = bind_unused_port()
+    server.add_sockets([sock])
+    try:
+        yield Running(f"http://127.0.0.1:{port}", mock_url, settings, deps)
+    finally:
+        server.stop()
+        await server.close_all_connections()
+        await deps.upstream.aclose()
+        mock_server.stop()
+        await mock_server.close_all_connections()
+
+
+@dataclass
+class Received:
+    """What a streaming client saw, with arrival times (seconds since the request)."""
+
+    status: int = 0
+    headers: httpx.Headers = field(default_factory=httpx.Headers)
+    raw: bytes = b""
+    events: list[sse.Event] = field(default_factory=list)
+    times: list[float] = field(default_factory=list)
+    headers_at: float = 0.0
+    pings: list[float] = field(default_factory=list)
+    complete: bool = False  # the body ended cleanly (chunked terminator seen)
+
+    def data(self) -> list[Any]:
+        return [json.loads(e.data) if e.data != "[DONE]" else "[DONE]" for e in self.events]
+
+    def content(self) -> str:
+        """The relayed text, from EventSource deltas or OpenAI chunks."""
+        out = []
+        for e, d in zip(self.events, self.data(), strict=True):
+            if e.event == "message" and isinstance(d, dict):
+                if "content" in d:
+                    out.append(d["content"])
+                for choice in d.get("choices") or ():
+                    out.append(choice["delta"].get("content") or "")
+        return "".join(out)
+
+
+async def stream(
+    method: str,
+    url: str,
+    *,
+    stop_after: int | None = None,
+    timeout: float = 20.0,
+    **kwargs: Any,
+) -> Received:
+    """Read an event stream to its end (or until ``stop_after`` events, then hang up)."""
+    got = Received()
+    start = time.monotonic()
+    decoder = sse.Decoder()
+    async with httpx.AsyncClient(timeout=timeout) as client:
+        async with client.stream(method, url, **kwargs) as response:
+            got.status, got.headers = response.status_code, response.headers
+            got.headers_at = time.monotonic() - start
+            try:
+                async for chunk in response.aiter_raw():
+                    now = time.monotonic() - start
+                    got.raw += chunk
+                    if b": ping" in chunk:
+                        got.pings.append(now)
+                    for event in decoder.feed(chunk):
+                        got.events.append(event)
+                        got.times.append(now)
+                    if stop_after is not None and len(got.events) >= stop_after:
+                        return got
+                got.complete = True
+            except httpx.RemoteProtocolError:
+                got.complete = False
+    return got

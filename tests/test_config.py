@@ -1,0 +1,161 @@
+"""Settings from defaults, a TOML file, SSEPROXY_* variables and flags (issue 2, point 6)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sseproxy import config
+from sseproxy.errors import ConfigError
+
+
+def write(tmp_path: Path, text: str) -> str:
+    path = tmp_path / "sseproxy.toml"
+    path.write_text(textwrap.dedent(text))
+    return str(path)
+
+
+def test_defaults_without_file_or_environment() -> None:
+    s = config.load(environ={})
+    assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
+    assert s.upstream.kind == "mock" and s.upstream_url == ""
+    assert s.heartbeat.interval_s == 15.0
+    assert s.personas == {}
+
+
+def test_file_values_are_typed(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [server]
+        port = 9000
+        [upstream]
+        kind = "openai"
+        base_url = "http://127.0.0.1:1234/v1/"
+        idle_timeout_s = 5
+        [personas.pirate]
+        system = "Talk like a pirate."
+        model = "gpt-pirate"
+        title = "Pirate"
+    """)
+    s = config.load(path, environ={})
+    assert s.server.port == 9000
+    assert s.upstream.idle_timeout_s == 5.0 and isinstance(s.upstream.idle_timeout_s, float)
+    assert s.upstream_url == "http://127.0.0.1:1234/v1"
+    assert s.personas["pirate"] == config.Persona("Talk like a pirate.", "gpt-pirate", "Pirate")
+    assert s.source == path
+
+
+def test_openai_kind_defaults_to_the_openai_url() -> None:
+    s = config.load(environ={"SSEPROXY_UPSTREAM_KIND": "openai"})
+    assert s.upstream_url == "https://api.openai.com/v1"
+
+
+def test_precedence_is_file_then_environment_then_flags(tmp_path: Path) -> None:
+    path = write(tmp_path, """
+        [server]
+        port = 9000
+        host = "127.0.0.2"
+        [heartbeat]
+        interval_s = 3
+    """)
+    env = {"SSEPROXY_SERVER_PORT": "9001", "SSEPROXY_HEARTBEAT_INTERVAL_S": "4.5"}
+    s = config.load(path, environ=env, overrides={"server.port": 9002})
+    assert s.server.port == 9002
+    assert s.server.host == "127.0.0.2"
+    assert s.heartbeat.interval_s == 4.5
+
+
+def test_config_path_from_environment(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 7000\n")
+    assert config.load(environ={"SSEPROXY_CONFIG": path}).server.port == 7000
+
+
+def test_environment_key_with_underscores_maps_to_the_first_section() -> None:
+    s = config.load(environ={"SSEPROXY_UPSTREAM_BASE_URL": "http://127.0.0.1:9/v1"})
+    assert s.upstream.base_url == "http://127.0.0.1:9/v1"
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("0", False), ("on", True)])
+def test_environment_booleans(text: str, value: bool) -> None:
+    s = config.load(environ={"SSEPROXY_LOGGING_LOG_PROMPTS": text})
+    assert s.logging.log_prompts is value
+
+
+@pytest.mark.parametrize(
+    "toml, needles",
+    [
+        ("[server]\nport = 'eighty'", ["server.port", "'eighty'", "integer"]),
+        ("[server]\nport = 70000", ["server.port", "70000", "at most 65535"]),
+        ("[heartbeat]\ninterval_s = -1", ["heartbeat.interval_s", "-1", "at least"]),
+        ("[upstream]\nkind = 'gemini'", ["upstream.kind", "'gemini'", "'mock', 'openai'"]),
+        ("[logging]\nformat = 'xml'", ["logging.format", "'xml'", "'json'"]),
+        ("[logging]\nlog_prompts = 'yes'", ["logging.log_prompts", "true or false"]),
+        ("[server]\nprot = 1", ["unknown key", "server.prot", "did you mean 'port'"]),
+        ("[hartbeat]\ninterval_s = 1", ["unknown section", "hartbeat", "heartbeat"]),
+        ("[upstream]\nbase_url = 'ftp://x'", ["upstream.base_url", "http://"]),
+        ("[upstream]\nkind = 'local'", ["upstream.kind", "local"]),
+        ("[personas.x]\nmodel = 'm'", ["personas.x.system", "non-empty"]),
+        ("[personas.x]\nsystem = 's'\nsytem = 't'", ["personas.x.sytem", "system"]),
+        ("[server]\nport = [", ["not valid TOML"]),
+    ],
+)
+def test_invalid_file_values_name_key_value_and_what_is_allowed(
+    tmp_path: Path, toml: str, needles: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        config.load(write(tmp_path, toml), environ={})
+    for needle in needles:
+        assert needle in info.value.message
+
+
+def test_invalid_environment_value_is_rejected() -> None:
+    with pytest.raises(ConfigError, match="upstream.idle_timeout_s = 'soon'"):
+        config.load(environ={"SSEPROXY_UPSTREAM_IDLE_TIMEOUT_S": "soon"})
+
+
+def test_unknown_environment_variable_names_the_nearest() -> None:
+    with pytest.raises(ConfigError, match="SSEPROXY_UPSTRAEM_MODEL"):
+        config.load(environ={"SSEPROXY_UPSTRAEM_MODEL": "x"})
+    with pytest.raises(ConfigError, match="did you mean 'model'"):
+        config.load(environ={"SSEPROXY_UPSTREAM_MODLE": "x"})
+
+
+def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="not found"):
+        config.load(str(tmp_path / "nope.toml"), environ={})
+
+
+def test_api_key_comes_from_the_named_variable_and_only_for_openai() -> None:
+    s = config.load(environ={"SSEPROXY_UPSTREAM_KIND": "openai",
+                             "SSEPROXY_UPSTREAM_API_KEY_ENV": "MY_KEY"})
+    assert config.api_key(s, {"MY_KEY": "sk-1"}) == "sk-1"
+    assert config.api_key(s, {}) is None
+    assert config.api_key(config.load(environ={}), {"OPENAI_API_KEY": "sk-1"}) is None
+
+
+def test_check_config_prints_effective_settings(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = 9100\n[personas.a]\nsystem = 's'\n")
+    out = subprocess.run([sys.executable, "-m", "sseproxy", "check-config", path],
+                         capture_output=True, text=True, timeout=30, check=True)
+    shown = json.loads(out.stdout)
+    assert shown["server"]["port"] == 9100
+    assert shown["personas"]["a"]["system"] == "s"
+
+
+def test_check_config_rejects_a_bad_file_with_exit_2(tmp_path: Path) -> None:
+    path = write(tmp_path, "[server]\nport = -3\n")
+    out = subprocess.run([sys.executable, "-m", "sseproxy", "check-config", path],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "server.port = -3" in out.stderr
+
+
+def test_serve_rejects_an_unknown_flag_key() -> None:
+    out = subprocess.run([sys.executable, "-m", "sseproxy", "serve", "--set", "server.prot=1"],
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "did you mean 'port'" in out.stderr

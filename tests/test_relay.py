@@ -1,0 +1,423 @@
+"""End to end through real servers: the simulator, sseproxy, and real HTTP clients (issue 2).
+
+Timing assertions check order and overlap with generous margins, never speed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import socket
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import openai
+import pytest
+from servers import running, stream
+from structlog.testing import capture_logs
+
+from sseproxy.config import Persona
+from sseproxy.mockupstream import Scenario, make_tokens
+
+FAST = Scenario(rate=0, tokens=12)
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def es_url(base: str, prompt: str = "hi", **query: str) -> str:
+    extra = "".join(f"&{k}={quote(v)}" for k, v in query.items())
+    return f"{base}/v1/chat/stream?prompt={quote(prompt)}{extra}"
+
+
+def chat_body(scenario: Scenario, **fields: Any) -> dict[str, Any]:
+    return {"model": scenario.to_model(), "messages": CHAT, "stream": True, **fields}
+
+
+# --- (a) frames are flushed one by one ------------------------------------------------
+
+
+async def test_eventsource_tokens_arrive_before_the_upstream_pause_ends(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=6, stall_at=3, stall_s=2.0)
+    async with running(scenario) as r:
+        got = await stream("GET", es_url(r.url))
+    deltas = [t for e, t in zip(got.events, got.times, strict=True) if e.event == "message"]
+    assert len(deltas) == 6
+    # the first three were delivered, then nothing until the simulator's 2 s pause ended
+    assert deltas[3] - deltas[2] > 1.5
+    assert got.content() == "".join(make_tokens(scenario))
+
+
+async def test_openai_tokens_arrive_before_the_upstream_pause_ends(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=6, stall_at=3, stall_s=2.0)
+    async with running() as r:
+        got = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+    content_times = [t for d, t in zip(got.data(), got.times, strict=True)
+                     if isinstance(d, dict) and d["choices"] and d["choices"][0]["delta"].get(
+                         "content")]
+    assert len(content_times) == 6
+    assert content_times[3] - content_times[2] > 1.5
+    assert got.data()[-1] == "[DONE]"
+
+
+async def test_headers_go_out_before_the_first_token(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=3, first_delay_s=1.5)
+    async with running(scenario) as r:
+        es = await stream("GET", es_url(r.url))
+        oa = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+    for got in (es, oa):
+        assert got.status == 200
+        assert got.times[0] - got.headers_at > 1.0
+    assert es.raw.startswith(b"retry: 3000\n\n")
+
+
+# --- (b) the official OpenAI SDK -------------------------------------------------------
+
+
+def sdk(r: Any, **kwargs: Any) -> openai.AsyncOpenAI:
+    return openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="unused", max_retries=0, **kwargs)
+
+
+async def test_openai_sdk_streams_the_exact_text(io_loop: Any) -> None:
+    scenario = Scenario(rate=200, tokens=40, text="mixed")
+    async with running() as r:
+        client = sdk(r)
+        stream_ = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT, stream=True,  # type: ignore[arg-type]
+            stream_options={"include_usage": True})
+        pieces, finish, usage, ids = [], None, None, set()
+        async for chunk in stream_:
+            ids.add(chunk.id)
+            if chunk.usage:
+                usage = chunk.usage
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        await client.close()
+    assert "".join(pieces) == "".join(make_tokens(scenario))
+    assert finish == "stop"
+    assert usage is not None and usage.completion_tokens == 40
+    assert len(ids) == 1 and ids.pop().startswith("chatcmpl-")
+
+
+async def test_openai_sdk_without_streaming(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=10, text="cjk")
+    async with running() as r:
+        client = sdk(r)
+        reply = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT)  # type: ignore[arg-type]
+        await client.close()
+    assert reply.choices[0].message.content == "".join(make_tokens(scenario))
+    assert reply.choices[0].finish_reason == "stop"
+    assert reply.usage is not None and reply.usage.completion_tokens == 10
+
+
+async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: Any) -> None:
+    async with running() as r:
+        client = sdk(r)
+        with pytest.raises(openai.RateLimitError) as limited:
+            await client.chat.completions.create(
+                model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
+                stream=True)
+        assert limited.value.response.headers["Retry-After"] == "3"
+        with pytest.raises(openai.APIError, match="mid-stream|error"):
+            s = await client.chat.completions.create(
+                model=Scenario(rate=0, error_at=2).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
+                stream=True)
+            async for _ in s:
+                pass
+        with pytest.raises(openai.BadRequestError, match="unknown persona"):
+            await client.chat.completions.create(
+                model="x", messages=CHAT, extra_body={"persona": "ninja"})  # type: ignore[arg-type]  # noqa: E501
+        await client.close()
+
+
+# --- (c) a client that leaves cancels the upstream -------------------------------------
+
+
+@pytest.mark.parametrize("endpoint", ["eventsource", "openai"])
+async def test_client_closing_mid_stream_cancels_the_upstream(io_loop: Any, endpoint: str) -> None:
+    scenario = Scenario(rate=20, tokens=1000)
+    async with running(scenario) as r:
+        if endpoint == "eventsource":
+            got = await stream("GET", es_url(r.url), stop_after=3)
+        else:
+            got = await stream("POST", r.url + "/v1/chat/completions",
+                               json=chat_body(scenario), stop_after=3)
+        assert got.status == 200
+        took = await r.wait_mock("open", 0, within=3.0)
+        stats = await r.mock_stats()
+    assert stats["cancelled"] == 1 and stats["completed"] == 0
+    assert took < 1.0
+
+
+async def test_client_closing_while_the_model_thinks_cancels_the_upstream(io_loop: Any) -> None:
+    # Nothing is being written, so only Tornado's close notification can tell.
+    scenario = Scenario(rate=0, tokens=5, first_delay_s=30)
+    async with running(scenario, heartbeat__interval_s=60) as r:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient() as c:
+                async with c.stream("GET", es_url(r.url)) as resp:
+                    assert resp.status_code == 200
+                    await r.wait_mock("open", 1, within=2.0)
+            took = await r.wait_mock("open", 0, within=3.0)
+            await asyncio.sleep(0.05)
+        assert (await r.mock_stats())["cancelled"] == 1
+    assert took < 1.0
+    assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
+
+
+# --- (d) every upstream failure has its status or error event --------------------------
+
+
+@pytest.mark.parametrize(
+    "scenario, status, code",
+    [
+        (Scenario(error_status=429, retry_after=5), 429, "rate_limit_exceeded"),
+        (Scenario(error_status=400, error_code="context_length_exceeded"), 400,
+         "context_length_exceeded"),
+        (Scenario(error_status=500), 502, None),
+        (Scenario(error_status=503), 502, None),
+        (Scenario(error_status=401), 502, "upstream_auth_failed"),
+        (Scenario(header_delay_s=3), 504, "upstream_timeout"),
+    ],
+)
+async def test_openai_endpoint_turns_upstream_refusals_into_http_errors(
+    io_loop: Any, scenario: Scenario, status: int, code: str | None
+) -> None:
+    async with running(upstream__first_token_timeout_s=0.5) as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", json=chat_body(scenario))
+    assert resp.status_code == status
+    err = resp.json()["error"]
+    assert set(err) == {"type", "code", "message"}
+    if code:
+        assert err["code"] == code
+    if status == 429:
+        assert resp.headers["Retry-After"] == "5"
+    assert "text/event-stream" not in resp.headers["Content-Type"]
+
+
+async def test_unreachable_upstream_is_502(io_loop: Any) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()  # nothing listens there now
+    async with running(upstream_url=f"http://127.0.0.1:{port}/v1") as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", json=chat_body(FAST))
+        es = await stream("GET", es_url(r.url))
+    assert resp.status_code == 502 and resp.json()["error"]["code"] == "upstream_unreachable"
+    assert es.status == 200 and es.complete
+    assert es.events[-1].event == "error"
+    assert json.loads(es.events[-1].data)["error"]["code"] == "upstream_unreachable"
+
+
+FAILURES = [
+    (Scenario(error_status=429), "rate_limit_exceeded", 0),
+    (Scenario(error_status=500), "upstream_http_500", 0),
+    (Scenario(rate=0, tokens=5, first_delay_s=3), "upstream_timeout", 0),
+    (Scenario(rate=0, tokens=5, stall_at=2, stall_s=3), "upstream_timeout", 2),
+    (Scenario(rate=0, tokens=5, error_at=2, error_code="server_overloaded"),
+     "server_overloaded", 2),
+    (Scenario(rate=0, tokens=5, drop_at=2), "upstream_incomplete", 2),
+    (Scenario(rate=0, tokens=5, no_done=True), "upstream_incomplete", 5),
+    (Scenario(rate=0, tokens=5, malformed_at=2), "upstream_protocol_error", 2),
+]
+
+
+@pytest.mark.parametrize("scenario, code, tokens", FAILURES)
+async def test_eventsource_failures_are_error_events_and_a_clean_end(
+    io_loop: Any, scenario: Scenario, code: str, tokens: int
+) -> None:
+    async with running(scenario, upstream__first_token_timeout_s=0.5,
+                       upstream__idle_timeout_s=0.5) as r:
+        with capture_logs() as logs:
+            got = await stream("GET", es_url(r.url))
+    assert got.status == 200 and got.complete
+    kinds = [e.event for e in got.events]
+    assert kinds == ["message"] * tokens + ["error"]
+    assert [e.id for e in got.events] == [f"{got.headers['X-Stream-ID']}.{n}"
+                                          for n in range(1, tokens + 2)]
+    error = json.loads(got.events[-1].data)["error"]
+    assert error["code"] == code and error["message"]
+    outcome = [e["outcome"] for e in logs if e["event"] == "stream"]
+    assert outcome == ["upstream_timeout" if code == "upstream_timeout" else "upstream_error"]
+
+
+@pytest.mark.parametrize("scenario, code, tokens", FAILURES[2:])
+async def test_openai_failures_after_the_headers_are_error_frames(
+    io_loop: Any, scenario: Scenario, code: str, tokens: int
+) -> None:
+    async with running(upstream__first_token_timeout_s=0.5, upstream__idle_timeout_s=0.5) as r:
+        got = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+    assert got.status == 200 and got.complete
+    data = got.data()
+    assert data[-1]["error"]["code"] == code
+    assert "[DONE]" not in data
+    assert got.content() == "".join(make_tokens(scenario)[:tokens])
+
+
+# --- (e) headers ---------------------------------------------------------------------------
+
+
+async def test_stream_headers_with_compress_response_on(io_loop: Any) -> None:
+    big = Scenario(rate=0, tokens=400)
+    async with running(FAST) as r:
+        assert r.settings.server.compress_response
+        gz = {"Accept-Encoding": "gzip"}
+        es = await stream("GET", es_url(r.url), headers=gz)
+        oa = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(FAST), headers=gz)
+        async with httpx.AsyncClient() as c:
+            # An ordinary response of the same app is compressed, so the transform is on.
+            plain = await c.post(r.url + "/v1/chat/completions", headers=gz,
+                                 json={"model": big.to_model(), "messages": CHAT})
+    for got in (es, oa):
+        h = got.headers
+        assert h["Content-Type"] == "text/event-stream; charset=utf-8"
+        assert h["Cache-Control"] == "no-cache, no-transform"
+        assert h["X-Accel-Buffering"] == "no"
+        for absent in ("ETag", "Content-Length", "Content-Encoding"):
+            assert absent not in h
+        assert h["Transfer-Encoding"] == "chunked"
+        assert got.raw.startswith((b"retry:", b"data:"))  # not gzip bytes
+    assert plain.headers["Content-Encoding"] == "gzip"
+    assert plain.json()["choices"][0]["message"]["content"]  # httpx undid the gzip
+
+
+# --- (f) heartbeats -------------------------------------------------------------------------
+
+
+async def test_heartbeat_comment_during_a_long_pause(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=4, stall_at=2, stall_s=1.2)
+    async with running(scenario, heartbeat__interval_s=0.25) as r:
+        es = await stream("GET", es_url(r.url))
+        oa = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+    for got in (es, oa):
+        assert got.pings, got.raw
+        assert got.content() == "".join(make_tokens(scenario))
+        # every ping came during the pause, between the 2nd and 3rd token
+        token_times = [t for t, d in zip(got.times, got.data(), strict=True)
+                       if d != "[DONE]" and ("content" in d or d.get("choices"))]
+        assert all(token_times[0] <= p for p in got.pings)
+    assert b"\n\n: ping\n\n" in es.raw
+
+
+# --- (g) reconnects never start a new generation -----------------------------------------
+
+
+async def test_reconnect_with_last_event_id_is_204_and_starts_nothing(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        first = await stream("GET", es_url(r.url))
+        last_id = first.events[-1].id
+        async with httpx.AsyncClient() as c:
+            again = await c.get(es_url(r.url), headers={"Last-Event-ID": last_id})
+            by_query = await c.get(es_url(r.url, last_event_id=last_id))
+        stats = await r.mock_stats()
+    assert again.status_code == 204 and by_query.status_code == 204
+    assert again.content == b""
+    assert stats["requests"] == 1
+
+
+# --- bad input never reaches the upstream --------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "content, status, needle",
+    [
+        (b"{oops", 400, "not valid JSON"),
+        (json.dumps({"messages": []}).encode(), 400, "'messages'"),
+        (json.dumps({"messages": CHAT, "persona": "ninja"}).encode(), 400, "pirate"),
+        (json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}).encode(), 413,
+         "at most 2048"),
+    ],
+)
+async def test_invalid_requests_are_rejected_before_the_upstream(
+    io_loop: Any, content: bytes, status: int, needle: str
+) -> None:
+    async with running(limits__max_body_bytes=2048,
+                       personas={"pirate": Persona("Arr.")}) as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", content=content,
+                                headers={"Content-Type": "application/json"})
+        stats = await r.mock_stats()
+    assert resp.status_code == status
+    assert needle in resp.json()["error"]["message"]
+    assert stats["requests"] == 0
+
+
+async def test_chunked_oversized_body_is_413(io_loop: Any) -> None:
+    async def body() -> Any:
+        for _ in range(10):
+            yield b"x" * 1000
+
+    async with running(limits__max_body_bytes=2048) as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", content=body())
+        assert (await r.mock_stats())["requests"] == 0
+    assert resp.status_code == 413 and resp.json()["error"]["code"] == "body_too_large"
+
+
+async def test_eventsource_validation_errors_are_400(io_loop: Any) -> None:
+    async with running(personas={"pirate": Persona("Arr.")}) as r:
+        async with httpx.AsyncClient() as c:
+            missing = await c.get(r.url + "/v1/chat/stream")
+            persona = await c.get(es_url(r.url, persona="ninja"))
+    assert missing.status_code == 400 and "'prompt'" in missing.json()["error"]["message"]
+    assert persona.status_code == 400
+    assert persona.json()["error"] == {
+        "type": "invalid_request_error", "code": "unknown_persona",
+        "message": "unknown persona 'ninja'; valid personas: pirate"}
+
+
+async def test_persona_system_prompt_is_added_on_the_server_only(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, text="echo", tokens=50)
+    async with running(scenario, personas={"pirate": Persona("SECRET-SYSTEM-PROMPT")}) as r:
+        got = await stream("GET", es_url(r.url, prompt="ahoy", persona="pirate"))
+    # the echo simulator repeats the last user message; the system prompt never shows
+    assert "ahoy" in got.content()
+    assert b"SECRET" not in got.raw
+
+
+async def test_too_many_streams(io_loop: Any) -> None:
+    slow = Scenario(rate=5, tokens=100)
+    async with running(slow, limits__max_streams=1) as r:
+        first = asyncio.create_task(stream("GET", es_url(r.url), stop_after=2))
+        await r.wait_mock("open", 1, within=3)
+        async with httpx.AsyncClient() as c:
+            api = await c.post(r.url + "/v1/chat/completions", json=chat_body(FAST))
+        es = await stream("GET", es_url(r.url))
+        await first
+    assert api.status_code == 429 and api.headers["Retry-After"] == "1"
+    assert api.json()["error"]["code"] == "overloaded"
+    assert es.status == 200 and es.complete
+    assert [e.event for e in es.events] == ["error"]
+    assert json.loads(es.events[0].data)["error"]["code"] == "overloaded"
+
+
+# --- the rest of the surface --------------------------------------------------------------
+
+
+async def test_health_ready_and_json_404(io_loop: Any) -> None:
+    async with running() as r:
+        async with httpx.AsyncClient() as c:
+            health = await c.get(r.url + "/healthz")
+            ready = await c.get(r.url + "/readyz")
+            missing = await c.get(r.url + "/nope")
+            wrong_method = await c.delete(r.url + "/v1/chat/completions")
+    assert health.status_code == 200 and health.json()["status"] == "ok"
+    assert ready.status_code == 200 and ready.json()["status"] == "ready"
+    assert missing.status_code == 404 and missing.json()["error"]["code"] == "not_found"
+    assert wrong_method.status_code == 405 and "error" in wrong_method.json()
+
+
+async def test_request_id_is_echoed_and_logged_and_prompts_are_not(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        with capture_logs() as logs:
+            got = await stream("GET", es_url(r.url, prompt="my secret question"),
+                               headers={"X-Request-ID": "req-123"})
+    assert got.headers["X-Request-ID"] == "req-123"
+    line = [e for e in logs if e["event"] == "stream"][0]
+    assert line["outcome"] == "completed" and line["events"] == 13
+    assert line["stream_id"] == got.headers["X-Stream-ID"]
+    assert line["upstream_status"] == 200 and line["ttft_s"] is not None
+    assert "my secret question" not in json.dumps(logs, default=str)

@@ -1,0 +1,140 @@
+"""StreamSession: one writer, heartbeats, outcomes, cancellation, canonical log (issue 2)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+from fakes import GOOD, Body, chunk, client, responder
+from structlog.testing import capture_logs
+
+from sseproxy import errors, sse
+from sseproxy.frames import EventSourceFrames
+from sseproxy.session import Channel, ClientGone, End, Outcome, StreamSession
+from sseproxy.upstream import Delta
+
+
+class RecordingSink:
+    """A client: records every write; can fail from the n-th write on."""
+
+    def __init__(self, fail_at: int | None = None) -> None:
+        self.writes: list[bytes] = []
+        self.fail_at = fail_at
+
+    async def send(self, data: bytes) -> None:
+        if self.fail_at is not None and len(self.writes) + 1 >= self.fail_at:
+            raise ClientGone
+        self.writes.append(data)
+
+    def events(self) -> list[sse.Event]:
+        return sse.Decoder().feed(b"".join(self.writes))
+
+
+def session_for(parts: list[Any], heartbeat_s: float = 10.0, **upstream: Any) -> tuple[
+        StreamSession, Body]:
+    handler, stream = responder(parts=parts)
+    up = client(handler, **upstream)
+    s = StreamSession(up, {"model": "m", "messages": []}, stream_id="sid",
+                      heartbeat_s=heartbeat_s, endpoint="test")
+    return s, stream
+
+
+async def test_relay_writes_every_delta_then_done(io_loop: Any) -> None:
+    s, stream = session_for(list(GOOD))
+    sink = RecordingSink()
+    with capture_logs() as logs:
+        outcome = await s.relay(sink, EventSourceFrames("sid", 1000))
+    assert outcome is Outcome.COMPLETED
+    events = sink.events()
+    assert [(e.event, e.id) for e in events] == [
+        ("message", "sid.1"), ("message", "sid.2"), ("done", "sid.3")]
+    assert [e.data for e in events[:2]] == ['{"content":"Hel"}', '{"content":"lo"}']
+    assert '"usage":{"prompt_tokens":1' in events[2].data
+    assert stream.closed
+    line = [entry for entry in logs if entry["event"] == "stream"]
+    assert len(line) == 1
+    assert line[0]["outcome"] == "completed" and line[0]["events"] == 3
+    assert line[0]["bytes"] == sum(map(len, sink.writes))
+    assert line[0]["ttft_s"] is not None and line[0]["completion_tokens"] == 2
+
+
+async def test_heartbeat_during_a_pause_never_splits_a_frame(io_loop: Any) -> None:
+    s, _ = session_for([chunk("a"), 0.35, chunk("b"), chunk(finish="stop"), b"data: [DONE]\n\n"],
+                       heartbeat_s=0.05)
+    sink = RecordingSink()
+    assert await s.relay(sink, EventSourceFrames("sid", 1000)) is Outcome.COMPLETED
+    kinds = [w[:2] for w in sink.writes]
+    assert kinds.count(b": ") >= 2, sink.writes
+    # every write is whole frames, and the pings sit between the two deltas
+    assert all(w.endswith(b"\n\n") for w in sink.writes)
+    first_ping = kinds.index(b": ")
+    assert b'"a"' in b"".join(sink.writes[:first_ping])
+    assert b'"b"' in b"".join(sink.writes[first_ping:])
+    assert s.heartbeats == kinds.count(b": ")
+
+
+async def test_upstream_error_mid_stream_ends_with_an_error_event(io_loop: Any) -> None:
+    s, stream = session_for([chunk("a"), b'data: {"error": {"code": "boom", "message": "x"}}\n\n'])
+    sink = RecordingSink()
+    assert await s.relay(sink, EventSourceFrames("sid", 1000)) is Outcome.UPSTREAM_ERROR
+    events = sink.events()
+    assert [e.event for e in events] == ["message", "error"]
+    assert '"code":"boom"' in events[-1].data
+    assert stream.closed
+
+
+async def test_upstream_timeout_outcome(io_loop: Any) -> None:
+    s, _ = session_for([chunk("a"), 1.0, chunk("b")], idle_timeout_s=0.05)
+    sink = RecordingSink()
+    assert await s.relay(sink, EventSourceFrames("sid", 1000)) is Outcome.UPSTREAM_TIMEOUT
+    assert sink.events()[-1].event == "error"
+
+
+async def test_client_gone_on_write_cancels_the_upstream(io_loop: Any) -> None:
+    s, stream = session_for([chunk("a"), 0.05, chunk("b"), 30.0, chunk("c")])
+    sink = RecordingSink(fail_at=2)
+    with capture_logs() as logs:
+        assert await s.relay(sink, EventSourceFrames("sid", 1000)) is Outcome.CLIENT_CLOSED
+    assert stream.closed
+    assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
+
+
+async def test_client_closed_while_the_model_thinks_cancels_the_upstream(io_loop: Any) -> None:
+    s, stream = session_for([30.0, chunk("a")], first_token_timeout_s=60)
+    sink = RecordingSink()
+    relay = asyncio.create_task(s.relay(sink, EventSourceFrames("sid", 1000)))
+    await asyncio.sleep(0.05)
+    s.client_closed()
+    assert await asyncio.wait_for(relay, 2) is Outcome.CLIENT_CLOSED
+    assert stream.closed
+    assert sink.writes == []
+
+
+async def test_accepted_raises_the_status_error(io_loop: Any) -> None:
+    handler, _ = responder(429, [b'{"error": {"message": "slow"}}'], {"Retry-After": "2"})
+    s = StreamSession(client(handler), {}, stream_id="x", heartbeat_s=1, endpoint="t")
+    with pytest.raises(errors.UpstreamStatusError) as info:
+        await s.accepted()
+    assert info.value.http_status() == 429
+
+
+async def test_collect_returns_the_whole_text(io_loop: Any) -> None:
+    s, _ = session_for(list(GOOD))
+    assert await s.collect() == "Hello"
+    assert s.finish_reason == "stop" and s.outcome is Outcome.COMPLETED
+
+
+async def test_channel_batches_and_applies_backpressure(io_loop: Any) -> None:
+    ch = Channel(high_water=2)
+    ch.put_nowait(Delta("a"))
+    put = asyncio.create_task(ch.put(Delta("b")))
+    await asyncio.sleep(0.01)
+    assert not put.done()  # at the high-water mark the producer waits
+    assert await ch.get_batch(1) == [Delta("a"), Delta("b")]
+    await asyncio.wait_for(put, 1)
+    assert await ch.get_batch(0.01) is None  # timeout: nothing queued
+    ch.put_nowait(End("stop", None))
+    ch.close()
+    with pytest.raises(ClientGone):
+        await ch.get_batch(1)

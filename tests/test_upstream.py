@@ -1,0 +1,198 @@
+"""The upstream client on httpx's MockTransport: parsing and the error map (issue 2, point 3)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from typing import Any
+
+import httpx
+import pytest
+from fakes import GOOD, URL, Body, chunk, client, responder
+
+from sseproxy import config, errors
+from sseproxy.upstream import Delta, UpstreamClient, make_http_client
+
+
+async def collect(up: UpstreamClient, body: dict[str, Any] | None = None) -> list[Delta]:
+    async with up.open(body or {"model": "m", "messages": []}) as stream:
+        return [d async for d in stream.deltas()]
+
+
+async def test_request_shape_and_deltas(io_loop: Any) -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, stream=Body(GOOD))
+
+    up = client(handler, api_key="sk-test")
+    deltas = await collect(up, {"model": "m", "messages": [{"role": "user", "content": "x"}]})
+    request = seen[0]
+    assert str(request.url) == URL + "/chat/completions"
+    assert request.headers["Authorization"] == "Bearer sk-test"
+    assert json.loads(request.content) == {
+        "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
+        "stream_options": {"include_usage": True}}
+    assert deltas == [
+        Delta(role="assistant"), Delta("Hel"), Delta("lo"), Delta(finish_reason="stop"),
+        Delta(usage={"prompt_tokens": 1, "completion_tokens": 2, "total_tokens": 3}),
+    ]
+
+
+async def test_no_authorization_header_without_a_key(io_loop: Any) -> None:
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, stream=Body(GOOD))
+
+    await collect(client(handler))
+    assert "Authorization" not in seen[0].headers
+
+
+async def test_frames_split_anywhere_give_the_same_deltas(io_loop: Any) -> None:
+    whole = b"".join(GOOD)
+    handler, _ = responder(parts=[whole[i:i + 7] for i in range(0, len(whole), 7)])
+    assert [d.content for d in await collect(client(handler))] == ["", "Hel", "lo", "", ""]
+
+
+def error_body(code: str | None, message: str, etype: str = "invalid_request_error") -> bytes:
+    return json.dumps({"error": {"code": code, "message": message, "type": etype}}).encode()
+
+
+@pytest.mark.parametrize(
+    "status, body, headers, http_status, code, message",
+    [
+        (400, error_body("context_length_exceeded", "too long"), {}, 400,
+         "context_length_exceeded", "too long"),
+        (404, error_body("model_not_found", "no such model"), {}, 404, "model_not_found",
+         "no such model"),
+        (401, error_body("invalid_api_key", "Incorrect API key sk-abc"), {}, 502,
+         "upstream_auth_failed", "the upstream rejected sseproxy's credentials"),
+        (429, error_body("rate_limit_exceeded", "slow down"), {"Retry-After": "7"}, 429,
+         "rate_limit_exceeded", "slow down"),
+        (429, b"", {}, 429, "rate_limited", "the upstream answered HTTP 429"),
+        (500, error_body(None, "boom", "server_error"), {}, 502, "upstream_http_500", "boom"),
+        (503, b"<html>busy</html>", {}, 502, "upstream_http_503",
+         "the upstream answered HTTP 503"),
+    ],
+)
+async def test_error_statuses_keep_code_and_message_but_not_headers(
+    io_loop: Any, status: int, body: bytes, headers: dict[str, str], http_status: int,
+    code: str, message: str,
+) -> None:
+    resp_headers = {"Set-Cookie": "secret=1", "X-Upstream-Internal": "x", **headers}
+    handler, stream = responder(status, [body], resp_headers)
+    with pytest.raises(errors.UpstreamStatusError) as info:
+        await collect(client(handler))
+    err = info.value
+    assert (err.http_status(), err.error_code(), err.message) == (http_status, code, message)
+    assert err.headers() == ({"Retry-After": "7"} if headers else {})
+    assert "secret" not in json.dumps(err.to_body())
+    assert stream.closed
+
+
+async def test_connect_failure_is_unreachable(io_loop: Any) -> None:
+    def handler(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    with pytest.raises(errors.UpstreamUnreachable) as info:
+        await collect(client(handler))
+    assert info.value.http_status() == 502
+
+
+@pytest.mark.parametrize(
+    "parts, error, needle",
+    [
+        ([chunk("a"), b"data: {not json\n\n"], errors.MalformedFrame, "not JSON"),
+        ([b"data: [1]\n\n"], errors.MalformedFrame, "not a JSON object"),
+        ([b'data: {"choices": "x"}\n\n'], errors.MalformedFrame, "choices"),
+        ([b'data: {"choices": [{"delta": {"content": 5}}]}\n\n'], errors.MalformedFrame,
+         "wrong shape"),
+        ([chunk("a"), b'data: {"error": {"code": "overloaded", "message": "busy"}}\n\n'],
+         errors.UpstreamStreamError, "busy"),
+        ([chunk("a"), chunk("b")], errors.IncompleteStream, "without [DONE]"),
+        ([chunk("a"), httpx.ReadError("reset")], errors.IncompleteStream, "broke mid-reply"),
+    ],
+)
+async def test_broken_streams_map_into_the_error_tree(
+    io_loop: Any, parts: list[bytes | Exception], error: type[Exception], needle: str
+) -> None:
+    handler, stream = responder(parts=list(parts))
+    with pytest.raises(error) as info:
+        await collect(client(handler, max_keepalive_connections=1))
+    assert needle in str(info.value)
+    assert stream.closed
+
+
+async def test_error_object_keeps_the_upstream_code(io_loop: Any) -> None:
+    handler, _ = responder(parts=[b'data: {"error": {"code": "overloaded", "message": "x"}}\n\n'])
+    with pytest.raises(errors.UpstreamStreamError) as info:
+        await collect(client(handler))
+    assert info.value.error_code() == "overloaded"
+
+
+async def test_event_size_limit_comes_from_config(io_loop: Any) -> None:
+    settings = config.Settings(
+        upstream=config.UpstreamSettings(kind="openai", base_url=URL),
+        limits=config.LimitsSettings(max_event_bytes=2048),
+    )
+    handler, _ = responder(parts=[chunk("x" * 3000)])
+    http = make_http_client(settings)
+    http._transport = httpx.MockTransport(handler)
+    with pytest.raises(errors.MalformedFrame, match="max_event_bytes = 2048"):
+        await collect(UpstreamClient(settings, http))
+
+
+async def test_finish_reason_without_done_is_complete(io_loop: Any) -> None:
+    handler, _ = responder(parts=[chunk("a"), chunk(finish="length")])
+    deltas = await collect(client(handler))
+    assert deltas[-1].finish_reason == "length"
+
+
+async def test_first_token_timeout(io_loop: Any) -> None:
+    handler, stream = responder(parts=[0.5, chunk("late")])
+    with pytest.raises(errors.FirstTokenTimeout) as info:
+        await collect(client(handler, first_token_timeout_s=0.05, idle_timeout_s=5))
+    assert info.value.http_status() == 504 and info.value.error_code() == "upstream_timeout"
+    assert stream.closed
+
+
+async def test_first_token_timeout_also_covers_a_slow_status(io_loop: Any) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        await asyncio.sleep(0.5)
+        return httpx.Response(200, stream=Body(GOOD))
+
+    with pytest.raises(errors.FirstTokenTimeout):
+        await collect(client(handler, first_token_timeout_s=0.05))
+
+
+async def test_idle_timeout_between_frames(io_loop: Any) -> None:
+    handler, stream = responder(parts=[chunk("a"), 0.5, chunk("b")])
+    up = client(handler, first_token_timeout_s=5, idle_timeout_s=0.05)
+    got: list[str] = []
+    with pytest.raises(errors.IdleTimeout):
+        async with up.open({"model": "m", "messages": []}) as s:
+            async for d in s.deltas():
+                got.append(d.content)
+    assert got == ["a"]
+    assert stream.closed
+
+
+async def test_cancelling_mid_stream_closes_the_response(io_loop: Any) -> None:
+    handler, stream = responder(parts=[chunk("a"), 30.0, chunk("b")])
+    up = client(handler)
+    first = asyncio.Event()
+
+    async def consume() -> None:
+        async with up.open({"model": "m", "messages": []}) as s:
+            async for _ in s.deltas():
+                first.set()
+
+    task = asyncio.create_task(consume())
+    await asyncio.wait_for(first.wait(), 5)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+    assert stream.closed
