@@ -1,0 +1,116 @@
+"""The command line as a user runs it: `sseproxy serve` (what `make run` starts) and
+`sseproxy mock-upstream`, as real processes on 127.0.0.1 (issue 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sseproxy import sse
+from sseproxy.mockupstream import Scenario, make_tokens
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items()
+            if not k.startswith("SSEPROXY_") and k != "OPENAI_API_KEY"}
+
+
+@contextmanager
+def process(*args: str, url: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
+    """Start ``python -m sseproxy ARGS`` logging to ``log``; wait until ``url`` answers;
+    stop it after."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "sseproxy", *args], env=clean_env(),
+                                stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                httpx.get(url, timeout=1)
+                break
+            except httpx.TransportError:
+                if proc.poll() is not None or time.monotonic() > deadline:
+                    raise AssertionError(f"{args} did not start: {log.read_text()}") from None
+                time.sleep(0.1)
+        yield proc
+    finally:
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def read_events(url: str) -> list[sse.Event]:
+    decoder = sse.Decoder()
+    events: list[sse.Event] = []
+    with httpx.stream("GET", url, timeout=20) as r:
+        assert r.status_code == 200
+        for chunk in r.iter_raw():
+            events += decoder.feed(chunk)
+    return events
+
+
+def test_serve_with_no_configuration_streams_from_the_built_in_simulator(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with process("serve", "--port", str(port), url=base + "/healthz", log=log) as proc:
+        events = read_events(base + "/v1/chat/stream?prompt=hello")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(timeout=10) == 0
+    stderr = log.read_text()
+    kinds = [e.event for e in events]
+    assert kinds[-1] == "done" and kinds.count("message") == len(kinds) - 1 > 5
+    text = "".join(json.loads(e.data)["content"] for e in events[:-1])
+    assert text == "".join(make_tokens(Scenario(), "hello"))
+    # JSON log lines on a non-terminal: the canonical stream line and the access line
+    lines = [json.loads(line) for line in stderr.splitlines() if line.startswith("{")]
+    stream_line = next(x for x in lines if x["event"] == "stream")
+    assert stream_line["outcome"] == "completed" and stream_line["request_id"]
+    assert stream_line["stream_id"] == events[0].id.split(".")[0]
+    access = [x for x in lines if x.get("logger") == "tornado.access"]
+    assert access and all("hello" not in json.dumps(x) for x in access)
+
+
+def test_serve_in_front_of_a_separate_mock_upstream_process(tmp_path: Path) -> None:
+    mock_port, port = free_port(), free_port()
+    mock = f"http://127.0.0.1:{mock_port}"
+    with process("mock-upstream", "--port", str(mock_port), "--rate", "0", "--tokens", "7",
+                 url=mock + "/v1/models", log=tmp_path / "mock.log"):
+        with process("serve", "--port", str(port), "--upstream-url", mock + "/v1",
+                     url=f"http://127.0.0.1:{port}/healthz", log=tmp_path / "serve.log"):
+            events = read_events(f"http://127.0.0.1:{port}/v1/chat/stream?prompt=x")
+            stats = httpx.get(mock + "/mock/stats").json()
+    assert [e.event for e in events] == ["message"] * 7 + ["done"]
+    assert stats["completed"] == 1
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["serve", "--port", "99999"], "server.port = 99999"),
+    (["serve", "--workers", "2"], "server.workers"),
+])
+def test_serve_refuses_bad_settings_with_exit_2(args: list[str], needle: str) -> None:
+    out = subprocess.run([sys.executable, "-m", "sseproxy", *args], env=clean_env(),
+                         capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert needle in out.stderr
