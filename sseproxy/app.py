@@ -27,13 +27,13 @@ log = structlog.get_logger("sseproxy.app")
 STATIC_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "static")
 
 
-def access_log(handler: tornado.web.RequestHandler) -> None:
+def access_log(handler: tornado.web.RequestHandler, logger: str = "tornado.access") -> None:
     """Tornado's access log as one structured line; the query string is never logged
     (an EventSource prompt travels in it)."""
     status = handler.get_status()
     request = handler.request
     level = "info" if status < 400 else "warning" if status < 500 else "error"
-    getattr(structlog.get_logger("tornado.access"), level)(
+    getattr(structlog.get_logger(logger), level)(
         "request",
         method=request.method,
         path=request.path,
@@ -87,7 +87,8 @@ async def serve(settings: Settings) -> int:
     mock_server = None
     upstream_url = settings.upstream_url
     if settings.upstream.kind == "mock" and not upstream_url:
-        mock_server, mock_port = await mockupstream.start()
+        mock_server, mock_port = await mockupstream.start(
+            log_function=lambda handler: access_log(handler, "sseproxy.mock.access"))
         upstream_url = f"http://127.0.0.1:{mock_port}/v1"
         log.info("mock_upstream_started", url=upstream_url)
     if settings.upstream.kind == "openai" and not config.api_key(settings):

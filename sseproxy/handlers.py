@@ -22,7 +22,7 @@ from tornado.iostream import StreamClosedError
 from . import __version__, errors, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
-from .session import ClientGone, StreamSession
+from .session import ClientGone, Outcome, StreamSession
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("sseproxy.http")
@@ -244,8 +244,10 @@ class ChatCompletionsHandler(StreamingHandler):
             return
         except ClientGone:
             return
-        self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps({
+        finally:
+            if session.outcome is not Outcome.COMPLETED:
+                session.log_line()
+        body = dumps({
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
@@ -256,7 +258,11 @@ class ChatCompletionsHandler(StreamingHandler):
                 "finish_reason": session.finish_reason,
             }],
             "usage": dict(session.usage) if session.usage else None,
-        }))
+        }).encode()
+        session.events, session.bytes = 1, len(body)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(body)
+        session.log_line()
 
 
 class ChatStreamHandler(StreamingHandler):

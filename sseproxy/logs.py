@@ -37,7 +37,9 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
     renderer: Any
     if fmt == "json":
         renderer = structlog.processors.JSONRenderer()
-        exceptions: list[Any] = [structlog.processors.dict_tracebacks]
+        # Tracebacks as data, without local variables: those may hold prompts or keys.
+        exceptions: list[Any] = [structlog.processors.ExceptionRenderer(
+            structlog.tracebacks.ExceptionDictTransformer(show_locals=False))]
     else:
         renderer = structlog.dev.ConsoleRenderer()
         exceptions = []
@@ -68,3 +70,6 @@ def configure(settings: LoggingSettings, stream: TextIO | None = None) -> None:
         root.removeHandler(old)
     root.addHandler(handler)
     root.setLevel(settings.level.upper())
+    # httpx logs every request at INFO; the canonical stream line already says it all.
+    for noisy in ("httpx", "httpcore"):
+        logging.getLogger(noisy).setLevel(max(logging.WARNING, root.level))

@@ -911,9 +911,12 @@ class _ChatCompletionsHandler(_OpenAIHandler):
 
 
 def make_app(
-    defaults: Scenario = Scenario(), stats: Stats | None = None
+    defaults: Scenario = Scenario(), stats: Stats | None = None, **app_settings: Any
 ) -> tornado.web.Application:
-    """The simulator as a Tornado application; ``stats`` is created when not given."""
+    """The simulator as a Tornado application; ``stats`` is created when not given.
+
+    ``app_settings`` go to :class:`tornado.web.Application` (for example ``log_function``).
+    """
     stats = stats if stats is not None else Stats()
     chat = {"defaults": defaults, "stats": stats, "ids": itertools.count(1)}
     return tornado.web.Application(
@@ -924,6 +927,7 @@ def make_app(
             (r"/mock/reset", _ResetHandler, {"stats": stats}),
         ],
         default_handler_class=_NotFoundHandler,
+        **app_settings,
     )
 
 
@@ -933,6 +937,7 @@ async def start(
     port: int = 0,
     *,
     stats: Stats | None = None,
+    **app_settings: Any,
 ) -> tuple[tornado.httpserver.HTTPServer, int]:
     """Serve the simulator on ``host:port`` (0 = any free port); return the server and its port.
 
@@ -942,7 +947,7 @@ async def start(
     # A long backlog, so that benchmarks opening thousands of connections at once
     # do not wait for SYN retries.
     sockets = tornado.netutil.bind_sockets(port, host, backlog=4096)
-    server = tornado.httpserver.HTTPServer(make_app(defaults, stats))
+    server = tornado.httpserver.HTTPServer(make_app(defaults, stats, **app_settings))
     server.add_sockets(sockets)
     return server, int(sockets[0].getsockname()[1])
 

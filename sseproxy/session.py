@@ -303,7 +303,10 @@ class StreamSession:
         return self.outcome
 
     async def collect(self) -> str:
-        """Read the whole reply (for ``stream: false``); raise the failure if there is one."""
+        """Read the whole reply (for ``stream: false``); raise the failure if there is one.
+
+        The caller writes the response and then calls :meth:`log_line`.
+        """
         self.start()
         text: list[str] = []
         try:
@@ -329,7 +332,6 @@ class StreamSession:
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
             await self._stop_pump()
-            self.log_line()
 
     async def _send(self, sink: Sink, data: bytes) -> None:
         await sink.send(data)

@@ -421,3 +421,22 @@ async def test_request_id_is_echoed_and_logged_and_prompts_are_not(io_loop: Any)
     assert line["stream_id"] == got.headers["X-Stream-ID"]
     assert line["upstream_status"] == 200 and line["ttft_s"] is not None
     assert "my secret question" not in json.dumps(logs, default=str)
+
+
+async def test_the_api_key_never_reaches_a_client_or_a_log(
+    io_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-secret-123")
+    async with running(FAST, upstream__kind="openai") as r:
+        assert r.deps.upstream._headers["Authorization"] == "Bearer sk-secret-123"
+        with capture_logs() as logs:
+            ok = await stream("GET", es_url(r.url))
+            async with httpx.AsyncClient() as c:
+                denied = await c.post(r.url + "/v1/chat/completions",
+                                      json=chat_body(Scenario(error_status=401)))
+    assert ok.events[-1].event == "done"
+    assert denied.status_code == 502
+    assert denied.json()["error"]["code"] == "upstream_auth_failed"
+    for seen in (ok.raw, denied.content, json.dumps(logs, default=str).encode(),
+                 json.dumps(dict(denied.headers)).encode()):
+        assert b"sk-secret-123" not in seen
