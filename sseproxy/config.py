@@ -43,7 +43,6 @@ class ServerSettings:
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_range(0, 65535))
     workers: int = field(default=1, metadata=_range(1, 256))
-    shutdown_grace_s: float = field(default=30.0, metadata=_range(0, 3600))
     #: The ``retry:`` sent first on every EventSource stream (milliseconds).
     retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
     #: gzip for ordinary (non-stream) responses; streams are never compressed.
@@ -69,6 +68,13 @@ class UpstreamSettings:
 @dataclass(frozen=True)
 class HeartbeatSettings:
     interval_s: float = field(default=15.0, metadata=_range(0.01, 3600))
+
+
+@dataclass(frozen=True)
+class StallSettings:
+    #: A client whose flush has not completed for this long (it, or a proxy in between,
+    #: stopped reading) is disconnected, its buffers freed and its upstream cancelled.
+    client_timeout_s: float = field(default=60.0, metadata=_range(0.01, 3600))
 
 
 @dataclass(frozen=True)
@@ -104,6 +110,7 @@ class Settings:
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
+    stall: StallSettings = StallSettings()
     limits: LimitsSettings = LimitsSettings()
     logging: LoggingSettings = LoggingSettings()
     personas: Mapping[str, Persona] = field(default_factory=dict)
@@ -124,6 +131,7 @@ SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
     "heartbeat": HeartbeatSettings,
+    "stall": StallSettings,
     "limits": LimitsSettings,
     "logging": LoggingSettings,
 }

@@ -186,8 +186,9 @@ class UpstreamStatusError(UpstreamError):
         return 502
 
     def headers(self) -> dict[str, str]:
-        if self.upstream_status == 429 and self.retry_after:
-            return {"Retry-After": self.retry_after}
+        if self.upstream_status == 429:
+            # A 429 always says when to come back; 1 s when the upstream did not say.
+            return {"Retry-After": self.retry_after or "1"}
         return {}
 
     def to_body(self) -> dict[str, Any]:

@@ -8,6 +8,7 @@ frame as it is written; they never send ``ETag``, ``Content-Length`` or
 
 from __future__ import annotations
 
+import asyncio
 import re
 import secrets
 import time
@@ -17,12 +18,13 @@ from typing import Any
 
 import structlog
 import tornado.web
+from tornado.http1connection import HTTP1Connection
 from tornado.iostream import StreamClosedError
 
 from . import __version__, errors, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
-from .session import ClientGone, Outcome, StreamSession
+from .session import ClientGone, ClientStalled, Outcome, StreamSession
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("sseproxy.http")
@@ -125,12 +127,22 @@ class StreamingHandler(BaseHandler):
             self.set_header(name, value)
 
     async def send(self, data: bytes) -> None:
-        """:class:`~sseproxy.session.Sink`: write and flush at once."""
+        """:class:`~sseproxy.session.Sink`: write and flush at once.
+
+        A flush that does not complete within ``stall.client_timeout_s`` means the client
+        (or a proxy in between) stopped reading: the connection is closed, which frees its
+        buffers, and :class:`ClientStalled` ends the stream.
+        """
         self.write(data)
         try:
-            await self.flush()
+            async with asyncio.timeout(self.settings_.stall.client_timeout_s):
+                await self.flush()
         except StreamClosedError:
             raise ClientGone from None
+        except TimeoutError:
+            if isinstance(self.request.connection, HTTP1Connection):
+                self.request.connection.close()
+            raise ClientStalled from None
 
     def on_connection_close(self) -> None:
         if self.session is not None:
@@ -216,6 +228,7 @@ class ChatCompletionsHandler(StreamingHandler):
             self.send_error_object(exc)
             return
         except ClientGone:
+            await session.stop()
             session.log_line()
             return
         completion_id = f"chatcmpl-{stream_id}"
@@ -224,6 +237,7 @@ class ChatCompletionsHandler(StreamingHandler):
             await self._collect(session, req, completion_id, created)
             return
         self.start_stream()
+        self.set_header("X-Stream-ID", stream_id)
         frames = OpenAIFrames(
             completion_id, created, lambda: session.model or req.model, req.include_usage
         )

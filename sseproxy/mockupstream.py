@@ -782,6 +782,10 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             self.write(b"".join(pending))
             pending.clear()
         await self.flush()
+        if self.gone:
+            # Tornado resolves a flush whose connection closed while it was being written;
+            # only the close notification tells.
+            raise StreamClosedError()
 
     def _drop(self) -> None:
         """Close the connection without ending the response."""

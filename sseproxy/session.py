@@ -22,6 +22,7 @@ closed at once. The session logs one canonical ``stream`` line at its end.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
 import time
 from collections import deque
@@ -48,6 +49,7 @@ class Outcome(enum.StrEnum):
 
     COMPLETED = "completed"
     CLIENT_CLOSED = "client_closed"
+    CLIENT_STALLED = "client_stalled"
     UPSTREAM_ERROR = "upstream_error"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     CANCELLED = "cancelled"
@@ -67,6 +69,10 @@ def outcome_of(error: errors.SSEProxyError) -> Outcome:
 
 class ClientGone(Exception):
     """The client closed the connection (raised by a sink or a closed channel)."""
+
+
+class ClientStalled(ClientGone):
+    """The client stopped reading for ``stall.client_timeout_s``; it was disconnected."""
 
 
 class Sink(Protocol):
@@ -202,9 +208,9 @@ class StreamSession:
         finish: str | None = None
         try:
             self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
-            async with chat:
+            async with chat, contextlib.aclosing(chat.deltas()) as deltas:
                 self._accepted.set()
-                async for delta in chat.deltas():
+                async for delta in deltas:
                     if delta.usage is not None:
                         usage = delta.usage
                     if delta.finish_reason is not None:
@@ -237,7 +243,8 @@ class StreamSession:
         if self._open_error is not None:
             raise self._open_error
 
-    async def _stop_pump(self) -> None:
+    async def stop(self) -> None:
+        """Cancel the upstream request (if still running) and wait until it is closed."""
         task = self._pump_task
         if task is None or task.done():
             return
@@ -292,12 +299,14 @@ class StreamSession:
                     await self._send(sink, b"".join(parts))
                 if done:
                     break
+        except ClientStalled:
+            self._finish(Outcome.CLIENT_STALLED)
         except ClientGone:
             self._finish(Outcome.CLIENT_CLOSED)
         finally:
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
-            await self._stop_pump()
+            await self.stop()
             self.log_line()
         assert self.outcome is not None
         return self.outcome
@@ -331,7 +340,7 @@ class StreamSession:
         finally:
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
-            await self._stop_pump()
+            await self.stop()
 
     async def _send(self, sink: Sink, data: bytes) -> None:
         await sink.send(data)

@@ -18,7 +18,8 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Mapping
+import math
+from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 from typing import Any
@@ -58,6 +59,17 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         keepalive_expiry=up.keepalive_expiry_s,
     )
     return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+
+
+def _retry_after(headers: httpx.Headers) -> str | None:
+    """``Retry-After`` in seconds, also from OpenAI's ``retry-after-ms``."""
+    if headers.get("Retry-After"):
+        return headers["Retry-After"]
+    ms = headers.get("retry-after-ms", "")
+    try:
+        return str(max(1, math.ceil(float(ms) / 1000))) if ms else None
+    except ValueError:
+        return None
 
 
 class UpstreamClient:
@@ -136,17 +148,26 @@ class ChatStream:
             raise errors.UpstreamUnreachable(
                 f"the upstream could not be reached in time ({type(exc).__name__})"
             ) from exc
-        except httpx.TransportError as exc:
+        except httpx.HTTPError as exc:
             raise errors.UpstreamUnreachable(
                 f"the upstream could not be reached ({type(exc).__name__})"
             ) from exc
         self._response = response
         self.status = response.status_code
-        if response.status_code >= 400:
+        if not 200 <= response.status_code < 300:
+            # 3xx too: a redirect means a wrong base_url, and following it would resend
+            # the API key to wherever it points.
             try:
                 raise await self._status_error(response)
             finally:
                 await self.aclose()
+        content_type = response.headers.get("Content-Type", "")
+        if not content_type.startswith("text/event-stream"):
+            await self.aclose()
+            raise errors.UpstreamProtocolError(
+                f"the upstream answered {content_type or 'no Content-Type'} "
+                "instead of an event stream"
+            )
 
     async def _status_error(self, response: httpx.Response) -> errors.UpstreamStatusError:
         body = b""
@@ -180,10 +201,10 @@ class ChatStream:
             message,
             upstream_code=code,
             upstream_type=etype,
-            retry_after=response.headers.get("Retry-After"),
+            retry_after=_retry_after(response.headers),
         )
 
-    async def deltas(self) -> AsyncIterator[Delta]:
+    async def deltas(self) -> AsyncGenerator[Delta, None]:
         """Yield the reply's deltas until ``[DONE]`` (or a finish reason and the end of body)."""
         if self._response is None:
             await self.connect()
@@ -209,7 +230,11 @@ class ChatStream:
                     raise errors.IdleTimeout(
                         f"the upstream sent nothing for {budget:g} s mid-reply"
                     ) from exc
-                except httpx.TransportError as exc:
+                except httpx.DecodingError as exc:
+                    raise errors.MalformedFrame(
+                        "the upstream sent a body that cannot be decoded"
+                    ) from exc
+                except httpx.HTTPError as exc:
                     raise errors.IncompleteStream(
                         f"the upstream connection broke mid-reply ({type(exc).__name__})"
                     ) from exc
@@ -226,7 +251,9 @@ class ChatStream:
                     delta = self._parse(event.data)
                     if delta is None:
                         continue
-                    first = False
+                    if delta.content or delta.finish_reason is not None:
+                        # A role-only chunk often comes at once; the first token has not.
+                        first = False
                     if delta.finish_reason is not None:
                         finished = True
                     yield delta

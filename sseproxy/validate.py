@@ -27,7 +27,9 @@ MESSAGE_KEYS = frozenset({"role", "content", "name"})
 
 def _number(lo: float, hi: float) -> Any:
     def check(name: str, v: Any) -> None:
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise errors.RequestError(f"'{name}' must be a number")
+        if isinstance(v, float) and not math.isfinite(v):
             raise errors.RequestError(f"'{name}' must be a number")
         if not lo <= v <= hi:
             raise errors.RequestError(f"'{name}' must be between {lo:g} and {hi:g}")

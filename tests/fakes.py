@@ -13,6 +13,7 @@ from sseproxy import config
 from sseproxy.upstream import UpstreamClient, make_http_client
 
 URL = "http://upstream.test/v1"
+SSE = {"Content-Type": "text/event-stream"}
 
 
 def chunk(content: str | None = None, *, role: str | None = None,
@@ -69,7 +70,8 @@ def client(handler: Callable[[httpx.Request], Any], api_key: str | None = None,
 def responder(status: int = 200, parts: list[bytes | float | Exception] | None = None,
               headers: dict[str, str] | None = None) -> tuple[Callable[..., Any], Body]:
     body = Body(GOOD if parts is None else parts)
+    all_headers = {"Content-Type": "text/event-stream", **(headers or {})}
 
     async def handler(request: httpx.Request) -> httpx.Response:
-        return httpx.Response(status, headers=headers, stream=body)
+        return httpx.Response(status, headers=all_headers, stream=body)
     return handler, body

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import json
+import socket
 import time
 from collections.abc import AsyncIterator, Mapping
 from contextlib import asynccontextmanager
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
+from tornado.iostream import IOStream
 from tornado.testing import bind_unused_port
 
 from sseproxy import app, config, mockupstream, sse
@@ -53,9 +55,14 @@ async def running(
     *,
     personas: Mapping[str, Persona] | None = None,
     upstream_url: str | None = None,
+    sndbuf: int | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
-    """sseproxy in front of the simulator; ``scenario`` becomes the default model string."""
+    """sseproxy in front of the simulator; ``scenario`` becomes the default model string.
+
+    ``sndbuf`` shrinks the kernel send buffer of sseproxy's client connections (a slow
+    link), so a client that stops reading blocks sseproxy's flush quickly.
+    """
     mock_server, mock_port = await mockupstream.start()
     mock_url = f"http://127.0.0.1:{mock_port}"
     keys = {"upstream.kind": "mock", "upstream.base_url": upstream_url or mock_url + "/v1"}
@@ -67,6 +74,14 @@ async def running(
         settings = dataclasses.replace(settings, personas=dict(personas))
     deps = await app.build_deps(settings)
     server = app.make_server(app.make_app(settings, deps), settings)
+    if sndbuf is not None:
+        accept = server.handle_stream
+
+        def handle_stream(stream: IOStream, address: tuple[str, int]) -> None:
+            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
+            accept(stream, address)
+
+        server.handle_stream = handle_stream  # type: ignore[method-assign]
     sock, port = bind_unused_port()
     server.add_sockets([sock])
     try:

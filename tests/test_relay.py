@@ -60,13 +60,14 @@ async def test_openai_tokens_arrive_before_the_upstream_pause_ends(io_loop: Any)
 
 
 async def test_headers_go_out_before_the_first_token(io_loop: Any) -> None:
-    scenario = Scenario(rate=0, tokens=3, first_delay_s=1.5)
+    scenario = Scenario(rate=0, tokens=3, first_delay_s=3)
     async with running(scenario) as r:
-        es = await stream("GET", es_url(r.url))
-        oa = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+        es, oa = await asyncio.gather(
+            stream("GET", es_url(r.url)),
+            stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario)))
     for got in (es, oa):
         assert got.status == 200
-        assert got.times[0] - got.headers_at > 1.0
+        assert got.times[-1] - got.headers_at > 1.5
     assert es.raw.startswith(b"retry: 3000\n\n")
 
 
@@ -119,12 +120,13 @@ async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: An
                 model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
                 stream=True)
         assert limited.value.response.headers["Retry-After"] == "3"
-        with pytest.raises(openai.APIError, match="mid-stream|error"):
+        with pytest.raises(openai.APIError) as mid_stream:
             s = await client.chat.completions.create(
-                model=Scenario(rate=0, error_at=2).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
-                stream=True)
+                model=Scenario(rate=0, error_at=2, error_code="overloaded_now").to_model(),
+                messages=CHAT, stream=True)  # type: ignore[arg-type]
             async for _ in s:
                 pass
+        assert mid_stream.value.code == "overloaded_now"
         with pytest.raises(openai.BadRequestError, match="unknown persona"):
             await client.chat.completions.create(
                 model="x", messages=CHAT, extra_body={"persona": "ninja"})  # type: ignore[arg-type]  # noqa: E501
@@ -164,6 +166,55 @@ async def test_client_closing_while_the_model_thinks_cancels_the_upstream(io_loo
         assert (await r.mock_stats())["cancelled"] == 1
     assert took < 1.0
     assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
+
+
+@pytest.mark.parametrize("scenario, stream_", [
+    (Scenario(header_delay_s=30), True),   # before the upstream accepted: no headers yet
+    (Scenario(rate=5, tokens=100), False),  # stream: false, mid-generation
+])
+async def test_openai_client_leaving_without_a_write_cancels_the_upstream(
+    io_loop: Any, scenario: Scenario, stream_: bool
+) -> None:
+    async with running() as r:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient() as c:
+                request = asyncio.create_task(c.post(
+                    r.url + "/v1/chat/completions",
+                    json={**chat_body(scenario), "stream": stream_}))
+                await r.wait_mock("open", 1, within=3)
+                request.cancel()
+                await asyncio.gather(request, return_exceptions=True)
+            took = await r.wait_mock("open", 0, within=3)
+            await asyncio.sleep(0.05)
+        assert (await r.mock_stats())["cancelled"] == 1
+    assert took < 1.0
+    assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
+
+
+async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled(
+    io_loop: Any,
+) -> None:
+    flood = Scenario(rate=0, tokens=400_000, text="lorem")
+    async with running(flood, stall__client_timeout_s=1.0, sndbuf=8192) as r:
+        port = int(r.url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        with capture_logs() as logs:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\n"
+                                          b"Host: x\r\n\r\n")
+            # never read: the server's flush stops completing
+            await r.wait_mock("open", 1, within=5)
+            await r.wait_mock("open", 0, within=20)
+            await asyncio.sleep(0.05)
+        stats = await r.mock_stats()
+        active = r.deps.slots.active
+        sock.close()
+    assert stats["cancelled"] == 1 and stats["completed"] == 0
+    assert active == 0
+    assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_stalled"]
 
 
 # --- (d) every upstream failure has its status or error event --------------------------
@@ -288,17 +339,20 @@ async def test_stream_headers_with_compress_response_on(io_loop: Any) -> None:
 
 
 async def test_heartbeat_comment_during_a_long_pause(io_loop: Any) -> None:
-    scenario = Scenario(rate=0, tokens=4, stall_at=2, stall_s=1.2)
-    async with running(scenario, heartbeat__interval_s=0.25) as r:
-        es = await stream("GET", es_url(r.url))
-        oa = await stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario))
+    scenario = Scenario(rate=0, tokens=4, stall_at=2, stall_s=3)
+    async with running(scenario, heartbeat__interval_s=0.5) as r:
+        es, oa = await asyncio.gather(
+            stream("GET", es_url(r.url)),
+            stream("POST", r.url + "/v1/chat/completions", json=chat_body(scenario)))
     for got in (es, oa):
         assert got.pings, got.raw
         assert got.content() == "".join(make_tokens(scenario))
-        # every ping came during the pause, between the 2nd and 3rd token
         token_times = [t for t, d in zip(got.times, got.data(), strict=True)
-                       if d != "[DONE]" and ("content" in d or d.get("choices"))]
-        assert all(token_times[0] <= p for p in got.pings)
+                       if d != "[DONE]" and (d.get("content") or (
+                           d.get("choices") and d["choices"][0]["delta"].get("content")))]
+        assert len(token_times) == 4
+        # every ping came during the simulator's pause, between the 2nd and 3rd token
+        assert all(token_times[1] <= p <= token_times[2] for p in got.pings)
     assert b"\n\n: ping\n\n" in es.raw
 
 
@@ -379,19 +433,27 @@ async def test_persona_system_prompt_is_added_on_the_server_only(io_loop: Any) -
 
 
 async def test_too_many_streams(io_loop: Any) -> None:
-    slow = Scenario(rate=5, tokens=100)
+    slow = Scenario(rate=1, tokens=100)
     async with running(slow, limits__max_streams=1) as r:
-        first = asyncio.create_task(stream("GET", es_url(r.url), stop_after=2))
-        await r.wait_mock("open", 1, within=3)
+        first = asyncio.create_task(stream("GET", es_url(r.url)))
+        try:
+            await r.wait_mock("open", 1, within=3)
+            async with httpx.AsyncClient() as c:
+                api = await c.post(r.url + "/v1/chat/completions", json=chat_body(FAST))
+            es = await stream("GET", es_url(r.url))
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        await r.wait_mock("open", 0, within=3)
         async with httpx.AsyncClient() as c:
-            api = await c.post(r.url + "/v1/chat/completions", json=chat_body(FAST))
-        es = await stream("GET", es_url(r.url))
-        await first
+            after = await c.post(r.url + "/v1/chat/completions",
+                                 json={**chat_body(FAST), "stream": False})
     assert api.status_code == 429 and api.headers["Retry-After"] == "1"
     assert api.json()["error"]["code"] == "overloaded"
     assert es.status == 200 and es.complete
     assert [e.event for e in es.events] == ["error"]
     assert json.loads(es.events[0].data)["error"]["code"] == "overloaded"
+    assert after.status_code == 200  # the slot was given back
 
 
 # --- the rest of the surface --------------------------------------------------------------

@@ -8,7 +8,7 @@ from typing import Any
 
 import httpx
 import pytest
-from fakes import GOOD, URL, Body, chunk, client, responder
+from fakes import GOOD, SSE, URL, Body, chunk, client, responder
 
 from sseproxy import config, errors
 from sseproxy.upstream import Delta, UpstreamClient, make_http_client
@@ -24,7 +24,7 @@ async def test_request_shape_and_deltas(io_loop: Any) -> None:
 
     async def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, stream=Body(GOOD))
+        return httpx.Response(200, headers=SSE, stream=Body(GOOD))
 
     up = client(handler, api_key="sk-test")
     deltas = await collect(up, {"model": "m", "messages": [{"role": "user", "content": "x"}]})
@@ -45,7 +45,7 @@ async def test_no_authorization_header_without_a_key(io_loop: Any) -> None:
 
     async def handler(request: httpx.Request) -> httpx.Response:
         seen.append(request)
-        return httpx.Response(200, stream=Body(GOOD))
+        return httpx.Response(200, headers=SSE, stream=Body(GOOD))
 
     await collect(client(handler))
     assert "Authorization" not in seen[0].headers
@@ -73,6 +73,10 @@ def error_body(code: str | None, message: str, etype: str = "invalid_request_err
         (429, error_body("rate_limit_exceeded", "slow down"), {"Retry-After": "7"}, 429,
          "rate_limit_exceeded", "slow down"),
         (429, b"", {}, 429, "rate_limited", "the upstream answered HTTP 429"),
+        (429, b"", {"retry-after-ms": "2500"}, 429, "rate_limited",
+         "the upstream answered HTTP 429"),
+        (301, b"", {"Location": "https://elsewhere.test/"}, 502, "upstream_http_301",
+         "the upstream answered HTTP 301"),
         (500, error_body(None, "boom", "server_error"), {}, 502, "upstream_http_500", "boom"),
         (503, b"<html>busy</html>", {}, 502, "upstream_http_503",
          "the upstream answered HTTP 503"),
@@ -88,7 +92,9 @@ async def test_error_statuses_keep_code_and_message_but_not_headers(
         await collect(client(handler))
     err = info.value
     assert (err.http_status(), err.error_code(), err.message) == (http_status, code, message)
-    assert err.headers() == ({"Retry-After": "7"} if headers else {})
+    expected = {429: {"Retry-After": "7" if "Retry-After" in headers else
+                      "3" if "retry-after-ms" in headers else "1"}}.get(status, {})
+    assert err.headers() == expected
     assert "secret" not in json.dumps(err.to_body())
     assert stream.closed
 
@@ -162,7 +168,7 @@ async def test_first_token_timeout(io_loop: Any) -> None:
 async def test_first_token_timeout_also_covers_a_slow_status(io_loop: Any) -> None:
     async def handler(request: httpx.Request) -> httpx.Response:
         await asyncio.sleep(0.5)
-        return httpx.Response(200, stream=Body(GOOD))
+        return httpx.Response(200, headers=SSE, stream=Body(GOOD))
 
     with pytest.raises(errors.FirstTokenTimeout):
         await collect(client(handler, first_token_timeout_s=0.05))
@@ -196,3 +202,29 @@ async def test_cancelling_mid_stream_closes_the_response(io_loop: Any) -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert stream.closed
+
+
+async def test_a_body_that_is_not_an_event_stream_is_refused_before_acceptance(
+    io_loop: Any,
+) -> None:
+    async def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(200, json={"choices": []})
+
+    with pytest.raises(errors.UpstreamProtocolError, match="application/json"):
+        await collect(client(handler))
+
+
+async def test_undecodable_body_is_a_malformed_frame(io_loop: Any) -> None:
+    handler, _ = responder(parts=[b"this is not gzip"],
+                           headers={"Content-Type": "text/event-stream",
+                                    "Content-Encoding": "gzip"})
+    with pytest.raises(errors.MalformedFrame, match="cannot be decoded"):
+        await collect(client(handler))
+
+
+async def test_a_role_chunk_does_not_end_the_first_token_deadline(io_loop: Any) -> None:
+    # Servers send {"role": "assistant"} at once, then think: the first-token budget holds.
+    handler, _ = responder(parts=[chunk("", role="assistant"), 0.3, chunk("late"),
+                                  chunk(finish="stop"), b"data: [DONE]\n\n"])
+    deltas = await collect(client(handler, first_token_timeout_s=5, idle_timeout_s=0.1))
+    assert [d.content for d in deltas] == ["", "late", ""]

@@ -79,6 +79,8 @@ def test_text_parts_count_towards_the_limit() -> None:
         (body(frobnicate=1), "unknown parameter 'frobnicate'"),
         (body(temperature=3), "'temperature' must be between 0 and 2"),
         (body(temperature="hot"), "'temperature' must be a number"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "temperature": 1' + b"0" * 400 + b"}",
+         "'temperature' must be between 0 and 2"),
         (body(max_tokens=0), "'max_tokens' must be an integer"),
         (body(max_tokens=True), "'max_tokens' must be an integer"),
         (body(stop=["a"] * 5), "'stop'"),
