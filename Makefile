@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 ARGS ?=
 PYTEST_ARGS ?=
 
-.PHONY: run test lint typecheck check-config bench clean
+.PHONY: run test lint typecheck bench-pacing clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -25,13 +25,16 @@ run: $(VENV)/.installed-run
 	$(BIN)/sseproxy serve $(ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/python -m flake8 sseproxy tests
+	$(BIN)/python -m flake8 sseproxy tests bench
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/python -m mypy
 
 test: lint typecheck
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+bench-pacing: $(VENV)/.installed-run
+	$(BIN)/python bench/pacing.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .hypothesis .coverage

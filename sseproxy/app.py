@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -19,7 +20,9 @@ import tornado.web
 
 from . import config, handlers, mockupstream
 from .config import Settings
+from .errors import ConfigError
 from .handlers import Deps, StreamSlots
+from .metrics import Metrics
 from .upstream import UpstreamClient, make_http_client
 
 log = structlog.get_logger("sseproxy.app")
@@ -50,6 +53,7 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
+        (r"/metrics", handlers.MetricsHandler, route),
     ]
     return tornado.web.Application(
         routes,
@@ -73,17 +77,43 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
     )
 
 
-async def build_deps(settings: Settings, upstream_url: str | None = None) -> Deps:
+async def build_deps(
+    settings: Settings, upstream_url: str | None = None, metrics: Metrics | None = None
+) -> Deps:
     http = make_http_client(settings)
     upstream = UpstreamClient(
         settings, http, base_url=upstream_url, api_key=config.api_key(settings)
     )
     slots = StreamSlots(settings.limits.max_streams)
-    return Deps(settings=settings, upstream=upstream, slots=slots)
+    return Deps(settings=settings, upstream=upstream, slots=slots,
+                metrics=metrics if metrics is not None else Metrics())
 
 
-async def serve(settings: Settings) -> int:
-    """Run one sseproxy process until SIGINT or SIGTERM."""
+def reload_settings(deps: Deps, overrides: Mapping[str, Any] | None = None) -> bool:
+    """SIGHUP: re-read the config file; valid changes apply to streams that start afterwards.
+
+    An invalid file is logged (naming the key) and counted, and the running settings stay.
+    """
+    try:
+        settings, applied, need_restart = config.reload(deps.settings, overrides=overrides)
+    except ConfigError as exc:
+        deps.metrics.config_reloads.labels("error").inc()
+        log.error("config_reload_failed", file=deps.settings.source, reason=exc.message)
+        return False
+    deps.settings = settings
+    deps.metrics.config_reloads.labels("ok").inc()
+    log.info("config_reloaded", file=settings.source, changed=applied)
+    if need_restart:
+        log.warning("config_reload_needs_restart", keys=need_restart,
+                    hint="these keys keep their old values until the process restarts")
+    return True
+
+
+async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> int:
+    """Run one sseproxy process until SIGINT or SIGTERM; SIGHUP reloads the config file.
+
+    ``overrides`` are the command-line flags, applied again on every reload.
+    """
     mock_server = None
     upstream_url = settings.upstream_url
     if settings.upstream.kind == "mock" and not upstream_url:
@@ -105,6 +135,7 @@ async def serve(settings: Settings) -> int:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, reload_settings, deps, overrides)
     try:
         await stop.wait()
     finally:

@@ -69,7 +69,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "mock-upstream":
             return mockupstream.run(args)
-        settings = config.load(args.config, overrides=_overrides(args))
+        overrides = _overrides(args)
+        settings = config.load(args.config, overrides=overrides)
         if settings.server.workers != 1:
             raise ConfigError("server.workers: several worker processes are not supported yet; "
                               "run one process per port behind Nginx")
@@ -79,4 +80,4 @@ def main(argv: Sequence[str] | None = None) -> int:
     logs.configure(settings.logging)
     from .app import serve
 
-    return asyncio.run(serve(settings))
+    return asyncio.run(serve(settings, overrides))

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
+from .pacing import PacingSettings
 
 ENV_PREFIX = "SSEPROXY_"
 CONFIG_ENV = "SSEPROXY_CONFIG"
@@ -109,6 +110,7 @@ class Persona:
 class Settings:
     server: ServerSettings = ServerSettings()
     upstream: UpstreamSettings = UpstreamSettings()
+    pacing: PacingSettings = PacingSettings()
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     stall: StallSettings = StallSettings()
     limits: LimitsSettings = LimitsSettings()
@@ -130,12 +132,15 @@ class Settings:
 SECTIONS: dict[str, type[Any]] = {
     "server": ServerSettings,
     "upstream": UpstreamSettings,
+    "pacing": PacingSettings,
     "heartbeat": HeartbeatSettings,
     "stall": StallSettings,
     "limits": LimitsSettings,
     "logging": LoggingSettings,
 }
 PERSONA_KEYS = ("system", "model", "title")
+#: What SIGHUP may change in a running process (the rest needs a restart).
+RELOADABLE = ("pacing", "heartbeat", "stall", "personas")
 
 
 def _nearest(name: str, options: typing.Iterable[str]) -> str:
@@ -220,7 +225,10 @@ def _build_section(
         value = _coerce(key, raw, _field_type(cls, name), from_text)
         _check(key, value, fields[name].metadata)
         kwargs[name] = value
-    return cls(**kwargs)
+    try:
+        return cls(**kwargs)
+    except ValueError as exc:  # rules that tie keys of one section together
+        raise ConfigError(str(exc)) from None
 
 
 def _personas(raw: Any) -> dict[str, Persona]:
@@ -347,3 +355,34 @@ def describe(settings: Settings) -> dict[str, Any]:
     out: dict[str, Any] = {s: dataclasses.asdict(getattr(settings, s)) for s in SECTIONS}
     out["personas"] = {n: dataclasses.asdict(p) for n, p in settings.personas.items()}
     return out
+
+
+def _flat(settings: Settings) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for section, table in describe(settings).items():
+        for key, value in table.items():
+            out[f"{section}.{key}"] = value
+    return out
+
+
+def changes(old: Settings, new: Settings) -> list[str]:
+    """The dotted keys whose values differ (a persona counts as one key)."""
+    a, b = _flat(old), _flat(new)
+    return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
+
+
+def reload(
+    current: Settings,
+    environ: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> tuple[Settings, list[str], list[str]]:
+    """Re-read ``current.source`` (SIGHUP). Return the settings to use from now on, the keys
+    that changed, and the changed keys that only a restart applies (those keep their old
+    values). Raises :class:`ConfigError` for an invalid file; ``current`` then stays."""
+    fresh = load(current.source, environ, overrides)
+    changed = changes(current, fresh)
+    reloaded = dataclasses.replace(
+        current, **{section: getattr(fresh, section) for section in RELOADABLE}
+    )
+    pending = [k for k in changed if k.split(".", 1)[0] not in RELOADABLE]
+    return reloaded, [k for k in changed if k not in pending], pending

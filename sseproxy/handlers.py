@@ -24,6 +24,7 @@ from tornado.iostream import StreamClosedError
 from . import __version__, errors, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
+from .metrics import Metrics
 from .session import ClientGone, ClientStalled, Outcome, StreamSession
 from .upstream import UpstreamClient
 
@@ -61,6 +62,7 @@ class Deps:
     settings: Settings
     upstream: UpstreamClient
     slots: StreamSlots
+    metrics: Metrics
 
 
 def new_stream_id() -> str:
@@ -69,14 +71,13 @@ def new_stream_id() -> str:
 
 class BaseHandler(tornado.web.RequestHandler):
     deps: Deps
+    cfg: Settings
     request_id: str
 
     def initialize(self, deps: Deps) -> None:
         self.deps = deps
-
-    @property
-    def settings_(self) -> Settings:
-        return self.deps.settings
+        # One snapshot per request: a SIGHUP reload applies to requests that start after it.
+        self.cfg = deps.settings
 
     def prepare(self) -> None:
         given = self.request.headers.get("X-Request-ID", "")
@@ -135,7 +136,7 @@ class StreamingHandler(BaseHandler):
         """
         self.write(data)
         try:
-            async with asyncio.timeout(self.settings_.stall.client_timeout_s):
+            async with asyncio.timeout(self.cfg.stall.client_timeout_s):
                 await self.flush()
         except StreamClosedError:
             raise ClientGone from None
@@ -152,13 +153,15 @@ class StreamingHandler(BaseHandler):
         structlog.contextvars.bind_contextvars(stream_id=stream_id)
         fields: dict[str, Any] = {"persona": req.persona, "model": req.model,
                                   "prompt_chars": req.prompt_chars}
-        if self.settings_.logging.log_prompts:
+        if self.cfg.logging.log_prompts:
             fields["prompt"] = req.messages[-1].get("content")
         self.session = StreamSession(
             self.deps.upstream,
             req.upstream_body(),
             stream_id=stream_id,
-            heartbeat_s=self.settings_.heartbeat.interval_s,
+            heartbeat_s=self.cfg.heartbeat.interval_s,
+            pacing=self.cfg.pacing,
+            metrics=self.deps.metrics,
             endpoint=self.endpoint,
             request_id=self.request_id,
             log_fields=fields,
@@ -185,7 +188,7 @@ class ChatCompletionsHandler(StreamingHandler):
         super().prepare()
         self._body = bytearray()
         self._too_large = False
-        limit = self.settings_.limits.max_body_bytes
+        limit = self.cfg.limits.max_body_bytes
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
             self.send_error_object(errors.BodyTooLarge(
@@ -196,16 +199,16 @@ class ChatCompletionsHandler(StreamingHandler):
         if self._too_large:
             return
         self._body += chunk
-        if len(self._body) > self.settings_.limits.max_body_bytes:
+        if len(self._body) > self.cfg.limits.max_body_bytes:
             self._too_large = True
             self._body = bytearray()
 
     async def post(self) -> None:
-        limit = self.settings_.limits.max_body_bytes
+        limit = self.cfg.limits.max_body_bytes
         try:
             if self._too_large:
                 raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
-            req = validate.chat_completion(bytes(self._body), self.settings_)
+            req = validate.chat_completion(bytes(self._body), self.cfg)
         except errors.RequestError as exc:
             log.info("request_rejected", code=exc.error_code(), reason=exc.message)
             self.send_error_object(exc)
@@ -297,13 +300,13 @@ class ChatStreamHandler(StreamingHandler):
         args = {k: self.get_query_argument(k) for k in ("prompt", "persona")
                 if self.get_query_argument(k, None) is not None}
         try:
-            req = validate.stream_query(args, self.settings_)
+            req = validate.stream_query(args, self.cfg)
         except errors.RequestError as exc:
             log.info("request_rejected", code=exc.error_code(), reason=exc.message)
             self.send_error_object(exc)
             return
         stream_id = new_stream_id()
-        frames = EventSourceFrames(stream_id, self.settings_.server.retry_ms)
+        frames = EventSourceFrames(stream_id, self.cfg.server.retry_ms)
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
         if not self.deps.slots.acquire():
@@ -341,6 +344,16 @@ class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
         self.finish({"status": "ready", "streams": self.deps.slots.active})
+
+
+class MetricsHandler(BaseHandler):
+    """``GET /metrics`` in the Prometheus text format."""
+
+    async def get(self) -> None:
+        body, content_type = self.deps.metrics.exposition()
+        self.set_header("Content-Type", content_type)
+        self.set_header("Cache-Control", "no-store")
+        self.finish(body)
 
 
 class NotFoundHandler(BaseHandler):

@@ -34,6 +34,8 @@ import structlog
 
 from . import errors
 from .frames import Frames
+from .metrics import Metrics
+from .pacing import Pacer, PacingSettings
 from .upstream import ChatStream, Delta, UpstreamClient
 
 log = structlog.get_logger("sseproxy.stream")
@@ -163,6 +165,8 @@ class StreamSession:
         stream_id: str,
         heartbeat_s: float,
         endpoint: str,
+        pacing: PacingSettings = PacingSettings(mode="off"),
+        metrics: Metrics | None = None,
         request_id: str | None = None,
         log_fields: Mapping[str, Any] | None = None,
     ) -> None:
@@ -170,6 +174,8 @@ class StreamSession:
         self.body = body
         self.stream_id = stream_id
         self.heartbeat_s = heartbeat_s
+        self.pacing = pacing
+        self.metrics = metrics
         self.endpoint = endpoint
         self.request_id = request_id
         self.log_fields = dict(log_fields or {})
@@ -263,40 +269,54 @@ class StreamSession:
     # --- the writer ------------------------------------------------------------
 
     async def relay(self, sink: Sink, frames: Frames) -> Outcome:
-        """Write the generation to ``sink`` until it ends; return the outcome."""
+        """Write the generation to ``sink`` until it ends; return the outcome.
+
+        Deltas go through the pacer: the loop sleeps until the next piece is due, new
+        text arrives, or a heartbeat is owed, whichever comes first, and writes all
+        that is due at once. The end (or failure) is written after the pacer drained.
+        """
         self.start()
+        loop = asyncio.get_running_loop()
+        pacer = Pacer(self.pacing)
+        end: End | Failed | None = None
+        last_write = loop.time()
         try:
             while True:
-                items = await self.channel.get_batch(self.heartbeat_s)
-                if items is None:
+                wake = last_write + self.heartbeat_s
+                due = pacer.next_due()
+                if due is not None and due < wake:
+                    wake = due
+                items = await self.channel.get_batch(max(0.0, wake - loop.time()))
+                now = loop.time()
+                parts: list[bytes] = []
+                for item in items or ():
+                    if isinstance(item, Delta):
+                        if item.role is not None:
+                            # The role chunk leaves at once (before any text, as it came).
+                            parts.append(frames.delta(Delta(role=item.role)))
+                        if item.content:
+                            pacer.push(item.content, now)
+                    elif end is None:
+                        end = item
+                        pacer.finish(now)
+                for piece in pacer.pull(now):
+                    parts.append(frames.delta(Delta(piece.text)))
+                    if self.ttft_s is None:
+                        self.ttft_s = time.monotonic() - self.started
+                    if self.metrics is not None:
+                        self.metrics.pacing_lag.observe(max(0.0, now - piece.arrived))
+                done = end is not None and not pacer.pending
+                if done:
+                    parts.append(self._end_frame(end, frames))
+                parts = [part for part in parts if part]
+                if parts:
+                    self.events += len(parts)
+                    await self._send(sink, b"".join(parts))
+                    last_write = loop.time()
+                elif now - last_write >= self.heartbeat_s:
                     self.heartbeats += 1
                     await self._send(sink, frames.heartbeat)
-                    continue
-                parts = []
-                done = False
-                for item in items:
-                    if isinstance(item, Delta):
-                        frame = frames.delta(item)
-                        if not frame:
-                            continue
-                        if self.ttft_s is None and item.content:
-                            self.ttft_s = time.monotonic() - self.started
-                    elif isinstance(item, End):
-                        self.finish_reason, self.usage = item.finish_reason, item.usage
-                        frame = frames.end(item.finish_reason, item.usage)
-                        self._finish(Outcome.COMPLETED)
-                        done = True
-                    else:
-                        self.error = item.error
-                        frame = frames.error(item.error)
-                        self._finish(outcome_of(item.error))
-                        done = True
-                    self.events += 1
-                    parts.append(frame)
-                    if done:
-                        break
-                if parts:
-                    await self._send(sink, b"".join(parts))
+                    last_write = loop.time()
                 if done:
                     break
         except ClientStalled:
@@ -310,6 +330,16 @@ class StreamSession:
             self.log_line()
         assert self.outcome is not None
         return self.outcome
+
+    def _end_frame(self, end: End | Failed | None, frames: Frames) -> bytes:
+        if isinstance(end, End):
+            self.finish_reason, self.usage = end.finish_reason, end.usage
+            self._finish(Outcome.COMPLETED)
+            return frames.end(end.finish_reason, end.usage)
+        assert end is not None
+        self.error = end.error
+        self._finish(outcome_of(end.error))
+        return frames.error(end.error)
 
     async def collect(self) -> str:
         """Read the whole reply (for ``stream: false``); raise the failure if there is one.

@@ -31,6 +31,7 @@ class Running:
     mock_url: str
     settings: Settings
     deps: Deps
+    overrides: dict[str, Any]
 
     async def mock_stats(self) -> dict[str, int]:
         async with httpx.AsyncClient() as c:
@@ -56,6 +57,7 @@ async def running(
     personas: Mapping[str, Persona] | None = None,
     upstream_url: str | None = None,
     sndbuf: int | None = None,
+    config_file: str | None = None,
     **overrides: Any,
 ) -> AsyncIterator[Running]:
     """sseproxy in front of the simulator; ``scenario`` becomes the default model string.
@@ -65,11 +67,16 @@ async def running(
     """
     mock_server, mock_port = await mockupstream.start()
     mock_url = f"http://127.0.0.1:{mock_port}"
-    keys = {"upstream.kind": "mock", "upstream.base_url": upstream_url or mock_url + "/v1"}
+    keys: dict[str, Any] = {"upstream.kind": "mock",
+                            "upstream.base_url": upstream_url or mock_url + "/v1"}
+    if config_file is None:
+        # Relay tests count one event per upstream delta, so pacing is off unless a test
+        # sets it (pacing__mode="smooth") or reads a config file.
+        keys["pacing.mode"] = "off"
     if scenario is not None:
         keys["upstream.model"] = scenario.to_model()
     keys.update({k.replace("__", "."): v for k, v in overrides.items()})
-    settings = config.load(environ={}, overrides=keys)
+    settings = config.load(config_file, environ={}, overrides=keys)
     if personas:
         settings = dataclasses.replace(settings, personas=dict(personas))
     deps = await app.build_deps(settings)
@@ -85,7 +92,7 @@ async def running(
     sock, port = bind_unused_port()
     server.add_sockets([sock])
     try:
-        yield Running(f"http://127.0.0.1:{port}", mock_url, settings, deps)
+        yield Running(f"http://127.0.0.1:{port}", mock_url, settings, deps, keys)
     finally:
         server.stop()
         await server.close_all_connections()

@@ -101,6 +101,9 @@ def test_environment_booleans(text: str, value: bool) -> None:
         ("[personas.x]\nmodel = 'm'", ["personas.x.system", "non-empty"]),
         ("[personas.x]\nsystem = 's'\nsytem = 't'", ["personas.x.sytem", "system"]),
         ("[server]\nport = [", ["not valid TOML"]),
+        ("[pacing]\nunit = 'sentence'", ["pacing.unit", "'sentence'", "'grapheme'"]),
+        ("[pacing]\nmax_events_per_s = 0", ["pacing.max_events_per_s", "at least"]),
+        ("[pacing]\ntarget_lag_s = 2\nmax_lag_s = 1", ["pacing.max_lag_s", "target_lag_s"]),
     ],
 )
 def test_invalid_file_values_name_key_value_and_what_is_allowed(
@@ -159,3 +162,40 @@ def test_serve_rejects_an_unknown_flag_key() -> None:
                          capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "did you mean 'port'" in out.stderr
+
+
+def test_pacing_from_the_environment() -> None:
+    s = config.load(environ={"SSEPROXY_PACING_MODE": "off", "SSEPROXY_PACING_UNIT": "word"})
+    assert (s.pacing.mode, s.pacing.unit) == ("off", "word")
+
+
+def test_reload_applies_pacing_heartbeat_stall_personas_and_keeps_the_rest(
+    tmp_path: Path,
+) -> None:
+    path = write(tmp_path, "[server]\nport = 9000\n[pacing]\nmode = 'off'\n")
+    old = config.load(path, environ={})
+    write(tmp_path, """
+        [server]
+        port = 9001
+        [pacing]
+        mode = "smooth"
+        [heartbeat]
+        interval_s = 2
+        [personas.a]
+        system = "s"
+    """)
+    new, applied, need_restart = config.reload(old, environ={})
+    assert (new.pacing.mode, new.heartbeat.interval_s) == ("smooth", 2.0)
+    assert new.personas["a"].system == "s"
+    assert new.server.port == 9000  # needs a restart: the old value stays
+    assert applied == ["heartbeat.interval_s", "pacing.mode", "personas.a"]
+    assert need_restart == ["server.port"]
+
+
+def test_reload_of_a_bad_file_raises_and_changes_nothing(tmp_path: Path) -> None:
+    path = write(tmp_path, "[pacing]\nmode = 'off'\n")
+    old = config.load(path, environ={})
+    write(tmp_path, "[pacing]\nmode = 'fast'\n")
+    with pytest.raises(ConfigError, match="pacing.mode = 'fast'"):
+        config.reload(old, environ={})
+    assert old.pacing.mode == "off"

@@ -17,6 +17,7 @@ import pytest
 from servers import running, stream
 from structlog.testing import capture_logs
 
+from sseproxy import app
 from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
@@ -502,3 +503,77 @@ async def test_the_api_key_never_reaches_a_client_or_a_log(
     for seen in (ok.raw, denied.content, json.dumps(logs, default=str).encode(),
                  json.dumps(dict(denied.headers)).encode()):
         assert b"sk-secret-123" not in seen
+
+
+# --- pacing (issue 3) -----------------------------------------------------------------------
+
+BURST = Scenario(rate=0, tokens=1400, burst=8192, first_delay_s=1.0)
+
+
+async def test_an_8kb_burst_leaves_as_a_smooth_stream_of_pieces(io_loop: Any) -> None:
+    # The seed's case: the model pauses, then 8 KB arrive in one write.
+    async with running(BURST, pacing__mode="smooth") as r:
+        pacing = r.settings.pacing
+        got = await stream("GET", es_url(r.url))
+    deltas = [(e, t) for e, t in zip(got.events, got.times, strict=True) if e.event == "message"]
+    text = "".join(json.loads(e.data)["content"] for e, _ in deltas)
+    assert text == "".join(make_tokens(BURST))
+    assert len(text.encode()) > 8192
+    assert got.events[-1].event == "done"
+    sizes = [len(json.loads(e.data)["content"].encode()) for e, _ in deltas]
+    assert len(deltas) >= 10 and max(sizes) < 8192 / 4  # many pieces, not one 8 KB jump
+    first, last = deltas[0][1], deltas[-1][1]
+    assert last - first >= pacing.target_lag_s / 2  # spread over time ...
+    assert last - first <= pacing.max_lag_s + 1.0  # ... and done within max_lag_s (+ noise)
+
+
+async def test_the_same_burst_without_pacing_is_one_jump(io_loop: Any) -> None:
+    async with running(BURST, pacing__mode="off") as r:
+        got = await stream("GET", es_url(r.url))
+    deltas = [t for e, t in zip(got.events, got.times, strict=True) if e.event == "message"]
+    assert len(deltas) == 1400
+    assert deltas[-1] - deltas[0] < 0.25  # everything at once
+
+
+async def test_paced_openai_chunks_keep_id_model_created_and_an_intact_end(io_loop: Any) -> None:
+    async with running(pacing__mode="smooth") as r:
+        got = await stream("POST", r.url + "/v1/chat/completions",
+                           json=chat_body(BURST, stream_options={"include_usage": True}))
+    data = got.data()
+    chunks = data[:-1]
+    assert data[-1] == "[DONE]"
+    assert len({(c["id"], c["model"], c["created"]) for c in chunks}) == 1
+    assert chunks[0]["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    assert chunks[-2]["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
+    assert chunks[-1]["choices"] == [] and chunks[-1]["usage"]["completion_tokens"] == 1400
+    assert 10 <= len(chunks) < 1400
+    assert got.content() == "".join(make_tokens(BURST))
+
+
+@pytest.mark.parametrize("scenario, code", [
+    (Scenario(rate=0, tokens=1400, burst=8192, drop_at=1300), "upstream_incomplete"),
+    (Scenario(rate=0, tokens=1400, burst=8192, error_at=1300), "server_error"),
+])
+async def test_a_failure_after_a_burst_drains_the_text_then_sends_the_error(
+    io_loop: Any, scenario: Scenario, code: str
+) -> None:
+    async with running(scenario, pacing__mode="smooth") as r:
+        got = await stream("GET", es_url(r.url))
+    assert got.events[-1].event == "error"
+    assert json.loads(got.events[-1].data)["error"]["code"] == code
+    text = "".join(json.loads(e.data)["content"] for e in got.events[:-1])
+    assert text == "".join(make_tokens(scenario)[:1300])
+
+
+async def test_a_reload_applies_to_new_streams_only(io_loop: Any, tmp_path: Any) -> None:
+    path = tmp_path / "sseproxy.toml"
+    path.write_text('[pacing]\nmode = "off"\n')
+    async with running(BURST, config_file=str(path)) as r:
+        before = asyncio.create_task(stream("GET", es_url(r.url)))
+        await r.wait_mock("open", 1, within=3)
+        path.write_text('[pacing]\nmode = "smooth"\n')
+        assert app.reload_settings(r.deps, r.overrides)
+        old_stream = await before
+        new_stream = await stream("GET", es_url(r.url))
+    assert len(old_stream.events) == 1401  # started before the reload: unpaced
+    assert len(new_stream.events) < 200  # started after it: paced

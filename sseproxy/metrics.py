@@ -1,0 +1,128 @@
+"""Prometheus metrics, built against a registry passed in (tests use a fresh one).
+
+Names follow DESIGN.md ("Metrics"): the ``sseproxy_`` prefix, base units as
+suffixes (seconds, bytes), ``_total`` on counters, and label values from small
+fixed sets that are created at start-up, so every series exists (at 0) from the
+first scrape and dashboards never see a series appear out of nowhere.
+
+Histogram buckets follow the real ranges: time to first token 50 ms–120 s,
+gaps between events 5 ms–60 s, pacing lag 1 ms–10 s, stream duration
+100 ms–1 h.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import (
+    REGISTRY,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    Info,
+)
+from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client.gc_collector import GCCollector
+from prometheus_client.platform_collector import PlatformCollector
+from prometheus_client.process_collector import ProcessCollector
+
+from . import __version__
+
+#: The ``outcome`` of a stream; the canonical log line uses the same words.
+OUTCOMES = ("completed", "client_closed", "client_stalled", "upstream_error",
+            "upstream_timeout", "cancelled", "rejected", "internal_error")
+#: ``side`` of a stall: the model sent nothing, or the client (or a proxy) is not reading.
+SIDES = ("upstream", "client")
+#: ``status`` of an upstream request: the HTTP status class, or why there was none.
+UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout")
+RELOAD_RESULTS = ("ok", "error")
+
+TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
+                20.0, 30.0, 60.0, 120.0)
+GAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0,
+               60.0)
+LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
+               3.0, 5.0, 10.0)
+DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
+                    600.0, 1800.0, 3600.0)
+
+
+def upstream_status_label(status: int | None, timed_out: bool = False) -> str:
+    """The bounded ``status`` label of an upstream request."""
+    if status is None:
+        return "timeout" if timed_out else "unreachable"
+    if status == 429:
+        return "429"
+    return f"{min(max(status // 100, 2), 5)}xx"
+
+
+class Metrics:
+    """Every metric sseproxy exports, registered on ``registry``.
+
+    ``process=True`` also registers the standard process, platform and GC collectors
+    (for a private registry; the global one has them already).
+    """
+
+    def __init__(self, registry: CollectorRegistry | None = None, *, process: bool = True
+                 ) -> None:
+        self.registry = r = registry if registry is not None else CollectorRegistry()
+        if process and r is not REGISTRY:  # the global registry has them already
+            ProcessCollector(registry=r)
+            PlatformCollector(registry=r)
+            GCCollector(registry=r)
+        Info("sseproxy_build", "sseproxy's version.", registry=r).info({"version": __version__})
+
+        self.streams_active = Gauge(
+            "sseproxy_streams_active", "Streams being relayed now.", registry=r)
+        self.streams = Counter(
+            "sseproxy_streams", "Streams that ended, by outcome.", ["outcome"], registry=r)
+        self.stream_duration = Histogram(
+            "sseproxy_stream_duration_seconds", "From request to the end of the stream.",
+            buckets=DURATION_BUCKETS, registry=r)
+        self.ttft = Histogram(
+            "sseproxy_time_to_first_token_seconds",
+            "From request to the first text sent to the client.",
+            buckets=TTFT_BUCKETS, registry=r)
+        self.event_gap = Histogram(
+            "sseproxy_event_gap_seconds",
+            "Time between two consecutive events written to one client (heartbeats excluded).",
+            buckets=GAP_BUCKETS, registry=r)
+        self.stalls = Counter(
+            "sseproxy_stalls",
+            "Stall episodes: no upstream bytes, or a client flush not completing, for "
+            "stall.threshold_s.", ["side"], registry=r)
+        self.streams_stalled = Gauge(
+            "sseproxy_streams_stalled", "Streams stalled now, by side.", ["side"], registry=r)
+        self.pacing_lag = Histogram(
+            "sseproxy_pacing_lag_seconds",
+            "Time text waited in the pacer: a piece's send time minus its oldest text's arrival.",
+            buckets=LAG_BUCKETS, registry=r)
+        self.events_sent = Counter(
+            "sseproxy_events_sent", "Events written to clients (heartbeats excluded).",
+            registry=r)
+        self.sent_bytes = Counter(
+            "sseproxy_sent_bytes", "Bytes of stream bodies written to clients.", registry=r)
+        self.upstream_requests = Counter(
+            "sseproxy_upstream_requests", "Upstream requests, by answer.", ["status"],
+            registry=r)
+        self.heartbeats = Counter(
+            "sseproxy_heartbeats", "Heartbeat comments written.", registry=r)
+        self.resumes = Counter(
+            "sseproxy_resumes", "Reconnects that resumed a stream with Last-Event-ID.",
+            registry=r)
+        self.config_reloads = Counter(
+            "sseproxy_config_reloads", "Configuration reloads (SIGHUP), by result.",
+            ["result"], registry=r)
+
+        for outcome in OUTCOMES:
+            self.streams.labels(outcome)
+        for side in SIDES:
+            self.stalls.labels(side)
+            self.streams_stalled.labels(side)
+        for status in UPSTREAM_STATUSES:
+            self.upstream_requests.labels(status)
+        for result in RELOAD_RESULTS:
+            self.config_reloads.labels(result)
+
+    def exposition(self) -> tuple[bytes, str]:
+        """The registry in the Prometheus text format, with its content type."""
+        return generate_latest(self.registry), CONTENT_TYPE_LATEST
