@@ -53,8 +53,9 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
-        (r"/metrics", handlers.MetricsHandler, route),
     ]
+    if not settings.metrics.port:
+        routes.append((r"/metrics", handlers.MetricsHandler, route))
     return tornado.web.Application(
         routes,
         default_handler_class=handlers.NotFoundHandler,
@@ -62,6 +63,17 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         compress_response=settings.server.compress_response,
         log_function=access_log,
         **app_settings,
+    )
+
+
+def make_metrics_app(deps: Deps) -> tornado.web.Application:
+    """The separate ``/metrics`` listener (``metrics.port``)."""
+    route = {"deps": deps}
+    return tornado.web.Application(
+        [(r"/metrics", handlers.MetricsHandler, route)],
+        default_handler_class=handlers.NotFoundHandler,
+        default_handler_args=route,
+        log_function=lambda handler: access_log(handler, "sseproxy.metrics.access"),
     )
 
 
@@ -128,6 +140,11 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     app = make_app(settings, deps)
     server = make_server(app, settings)
     server.listen(settings.server.port, settings.server.host)
+    metrics_server = None
+    if settings.metrics.port:
+        metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(deps))
+        metrics_server.listen(settings.metrics.port, settings.metrics.host)
+        log.info("metrics_listening", host=settings.metrics.host, port=settings.metrics.port)
     log.info("listening", host=settings.server.host, port=settings.server.port,
              upstream=upstream_url, upstream_kind=settings.upstream.kind, pid=os.getpid())
 
@@ -141,6 +158,8 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
     finally:
         log.info("stopping")
         server.stop()
+        if metrics_server is not None:
+            metrics_server.stop()
         await server.close_all_connections()
         await deps.upstream.aclose()
         if mock_server is not None:

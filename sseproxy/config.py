@@ -73,6 +73,9 @@ class HeartbeatSettings:
 
 @dataclass(frozen=True)
 class StallSettings:
+    #: A wait this long counts as a stall: no bytes from the upstream (side "upstream"),
+    #: or a write to the client not flushed (side "client").
+    threshold_s: float = field(default=10.0, metadata=_range(0.01, 3600))
     #: A client whose flush has not completed for this long (it, or a proxy in between,
     #: stopped reading) is disconnected, its buffers freed and its upstream cancelled.
     client_timeout_s: float = field(default=60.0, metadata=_range(0.01, 3600))
@@ -87,6 +90,14 @@ class LimitsSettings:
     max_prompt_chars: int = field(default=100_000, metadata=_range(1, 1 << 30))
     #: Largest single SSE event accepted from the upstream (UTF-8 bytes).
     max_event_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+
+
+@dataclass(frozen=True)
+class MetricsSettings:
+    #: A separate listener for ``/metrics`` (on ``host``), so it need not be public; 0 serves
+    #: ``/metrics`` on the main port.
+    port: int = field(default=0, metadata=_range(0, 65535))
+    host: str = "127.0.0.1"
 
 
 @dataclass(frozen=True)
@@ -114,6 +125,7 @@ class Settings:
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     stall: StallSettings = StallSettings()
     limits: LimitsSettings = LimitsSettings()
+    metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     personas: Mapping[str, Persona] = field(default_factory=dict)
     #: The file these settings were read from, if any (SIGHUP re-reads it).
@@ -136,6 +148,7 @@ SECTIONS: dict[str, type[Any]] = {
     "heartbeat": HeartbeatSettings,
     "stall": StallSettings,
     "limits": LimitsSettings,
+    "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }
 PERSONA_KEYS = ("system", "model", "title")

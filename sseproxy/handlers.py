@@ -158,10 +158,9 @@ class StreamingHandler(BaseHandler):
         self.session = StreamSession(
             self.deps.upstream,
             req.upstream_body(),
-            stream_id=stream_id,
-            heartbeat_s=self.cfg.heartbeat.interval_s,
-            pacing=self.cfg.pacing,
+            settings=self.cfg,
             metrics=self.deps.metrics,
+            stream_id=stream_id,
             endpoint=self.endpoint,
             request_id=self.request_id,
             log_fields=fields,
@@ -169,6 +168,13 @@ class StreamingHandler(BaseHandler):
         return self.session
 
     endpoint = "stream"
+
+    def rejected(self, error: errors.SSEProxyError) -> None:
+        """A request refused before any upstream call: counted and logged as a stream
+        with outcome ``rejected``, so the counter and the log lines agree."""
+        self.deps.metrics.streams.labels(Outcome.REJECTED.value).inc()
+        log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
+                 error_code=error.error_code(), reason=error.message)
 
     def finish_quietly(self) -> None:
         if not self._finished:
@@ -191,9 +197,10 @@ class ChatCompletionsHandler(StreamingHandler):
         limit = self.cfg.limits.max_body_bytes
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
-            self.send_error_object(errors.BodyTooLarge(
-                f"the request body has {length} bytes; at most {limit} are allowed"
-            ))
+            too_large = errors.BodyTooLarge(
+                f"the request body has {length} bytes; at most {limit} are allowed")
+            self.rejected(too_large)
+            self.send_error_object(too_large)
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
@@ -210,11 +217,13 @@ class ChatCompletionsHandler(StreamingHandler):
                 raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
             req = validate.chat_completion(bytes(self._body), self.cfg)
         except errors.RequestError as exc:
-            log.info("request_rejected", code=exc.error_code(), reason=exc.message)
+            self.rejected(exc)
             self.send_error_object(exc)
             return
         if not self.deps.slots.acquire():
-            self.send_error_object(errors.Overloaded(self.deps.slots.limit))
+            overloaded = errors.Overloaded(self.deps.slots.limit)
+            self.rejected(overloaded)
+            self.send_error_object(overloaded)
             return
         try:
             await self._relay(req)
@@ -276,7 +285,7 @@ class ChatCompletionsHandler(StreamingHandler):
             }],
             "usage": dict(session.usage) if session.usage else None,
         }).encode()
-        session.events, session.bytes = 1, len(body)
+        session.record_body(len(body))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(body)
         session.log_line()
@@ -302,7 +311,7 @@ class ChatStreamHandler(StreamingHandler):
         try:
             req = validate.stream_query(args, self.cfg)
         except errors.RequestError as exc:
-            log.info("request_rejected", code=exc.error_code(), reason=exc.message)
+            self.rejected(exc)
             self.send_error_object(exc)
             return
         stream_id = new_stream_id()
@@ -311,15 +320,16 @@ class ChatStreamHandler(StreamingHandler):
         self.set_header("X-Stream-ID", stream_id)
         if not self.deps.slots.acquire():
             # Never a bare 503 on an EventSource URL: the browser would not say why.
-            await self._send_quietly(frames.opening() + frames.error(
-                errors.Overloaded(self.deps.slots.limit)))
+            overloaded = errors.Overloaded(self.deps.slots.limit)
+            self.rejected(overloaded)
+            await self._send_quietly(frames.opening() + frames.error(overloaded))
             self.finish_quietly()
             return
         try:
             session = self.new_session(req, stream_id)
             session.start()
             try:
-                await self.send(frames.opening())
+                await session.write(self, frames.opening())
             except ClientGone:
                 session.client_closed()
             await session.relay(self, frames)

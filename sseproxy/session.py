@@ -34,8 +34,9 @@ import structlog
 
 from . import errors
 from .frames import Frames
-from .metrics import Metrics
-from .pacing import Pacer, PacingSettings
+from .config import Settings
+from .metrics import Metrics, upstream_status_label
+from .pacing import Pacer
 from .upstream import ChatStream, Delta, UpstreamClient
 
 log = structlog.get_logger("sseproxy.stream")
@@ -154,28 +155,76 @@ class Channel:
         return items
 
 
+class StallWatch:
+    """One side of one stream: a wait that lasts ``threshold`` seconds is a stall episode.
+
+    ``begin()``/``end()`` bracket each wait (an upstream read, a client flush). The episode
+    is reported when the threshold passes during a wait, and its end when the wait ends
+    (or the stream does, through :meth:`end`).
+    """
+
+    __slots__ = ("side", "threshold", "episodes", "stalled", "_session", "_timer", "_loop")
+
+    def __init__(self, session: StreamSession, side: str, threshold: float) -> None:
+        self.side = side
+        self.threshold = threshold
+        self.episodes = 0
+        self.stalled = False
+        self._session = session
+        self._timer: asyncio.TimerHandle | None = None
+        self._loop = asyncio.get_running_loop()
+
+    def begin(self) -> None:
+        if self._timer is None:
+            self._timer = self._loop.call_later(self.threshold, self._stall)
+
+    def end(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+        if self.stalled:
+            self.stalled = False
+            self._session.stall_changed(self, False)
+
+    def _stall(self) -> None:
+        self._timer = None
+        self.stalled = True
+        self.episodes += 1
+        self._session.stall_changed(self, True)
+
+
+def _p99(values: list[float]) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(0.99 * len(ordered)))]
+
+
 class StreamSession:
-    """One upstream generation relayed to one client."""
+    """One upstream generation relayed to one client.
+
+    It takes the settings snapshot of the request that started it (a reload applies to
+    later streams), and records its metrics and its canonical log line.
+    """
 
     def __init__(
         self,
         upstream: UpstreamClient,
         body: Mapping[str, Any],
         *,
+        settings: Settings,
+        metrics: Metrics,
         stream_id: str,
-        heartbeat_s: float,
         endpoint: str,
-        pacing: PacingSettings = PacingSettings(mode="off"),
-        metrics: Metrics | None = None,
         request_id: str | None = None,
         log_fields: Mapping[str, Any] | None = None,
     ) -> None:
         self.upstream = upstream
         self.body = body
-        self.stream_id = stream_id
-        self.heartbeat_s = heartbeat_s
-        self.pacing = pacing
+        self.settings = settings
+        self.heartbeat_s = settings.heartbeat.interval_s
         self.metrics = metrics
+        self.stream_id = stream_id
         self.endpoint = endpoint
         self.request_id = request_id
         self.log_fields = dict(log_fields or {})
@@ -185,15 +234,22 @@ class StreamSession:
         self.events = 0
         self.bytes = 0
         self.heartbeats = 0
+        self.max_gap_s = 0.0
+        self.lags: list[float] = []
         self.outcome: Outcome | None = None
         self.error: errors.SSEProxyError | None = None
         self.finish_reason: str | None = None
         self.usage: Mapping[str, Any] | None = None
+        threshold = settings.stall.threshold_s
+        self.upstream_watch = StallWatch(self, "upstream", threshold)
+        self.client_watch = StallWatch(self, "client", threshold)
         self._chat: ChatStream | None = None
         self._accepted = asyncio.Event()
         self._open_error: errors.SSEProxyError | None = None
         self._pump_task: asyncio.Task[None] | None = None
+        self._last_event_at: float | None = None
         self._logged = False
+        metrics.streams_active.inc()
 
     # --- the pump ------------------------------------------------------------
 
@@ -214,6 +270,13 @@ class StreamSession:
         finish: str | None = None
         try:
             self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
+            chat.waits = self.upstream_watch
+            try:
+                await chat.connect()
+            except errors.SSEProxyError as exc:
+                self._count_upstream(chat.status, exc)
+                raise
+            self._count_upstream(chat.status, None)
             async with chat, contextlib.aclosing(chat.deltas()) as deltas:
                 self._accepted.set()
                 async for delta in deltas:
@@ -230,7 +293,22 @@ class StreamSession:
             log.exception("stream_internal_error", stream_id=self.stream_id)
             self._fail(errors.SSEProxyError("sseproxy failed while relaying this reply"))
         finally:
+            self.upstream_watch.end()
             self._accepted.set()
+
+    def _count_upstream(self, status: int | None, error: errors.SSEProxyError | None) -> None:
+        timed_out = isinstance(error, errors.UpstreamTimeout)
+        self.metrics.upstream_requests.labels(upstream_status_label(status, timed_out)).inc()
+
+    def stall_changed(self, watch: StallWatch, stalled: bool) -> None:
+        """A :class:`StallWatch` began or ended an episode."""
+        if stalled:
+            self.metrics.stalls.labels(watch.side).inc()
+            self.metrics.streams_stalled.labels(watch.side).inc()
+            log.info("stall", stream_id=self.stream_id, side=watch.side,
+                     threshold_s=watch.threshold)
+        else:
+            self.metrics.streams_stalled.labels(watch.side).dec()
 
     def _fail(self, error: errors.SSEProxyError) -> None:
         if not self._accepted.is_set():
@@ -277,7 +355,7 @@ class StreamSession:
         """
         self.start()
         loop = asyncio.get_running_loop()
-        pacer = Pacer(self.pacing)
+        pacer = Pacer(self.settings.pacing)
         end: End | Failed | None = None
         last_write = loop.time()
         try:
@@ -301,21 +379,21 @@ class StreamSession:
                         pacer.finish(now)
                 for piece in pacer.pull(now):
                     parts.append(frames.delta(Delta(piece.text)))
-                    if self.ttft_s is None:
-                        self.ttft_s = time.monotonic() - self.started
-                    if self.metrics is not None:
-                        self.metrics.pacing_lag.observe(max(0.0, now - piece.arrived))
+                    self._first_text()
+                    lag = max(0.0, now - piece.arrived)
+                    self.lags.append(lag)
+                    self.metrics.pacing_lag.observe(lag)
                 done = end is not None and not pacer.pending
                 if done:
                     parts.append(self._end_frame(end, frames))
                 parts = [part for part in parts if part]
                 if parts:
-                    self.events += len(parts)
-                    await self._send(sink, b"".join(parts))
+                    await self._send_events(sink, parts)
                     last_write = loop.time()
                 elif now - last_write >= self.heartbeat_s:
                     self.heartbeats += 1
-                    await self._send(sink, frames.heartbeat)
+                    self.metrics.heartbeats.inc()
+                    await self.write(sink, frames.heartbeat)
                     last_write = loop.time()
                 if done:
                     break
@@ -353,8 +431,8 @@ class StreamSession:
                 items = await self.channel.get_batch(self.heartbeat_s)
                 for item in items or ():
                     if isinstance(item, Delta):
-                        if self.ttft_s is None and item.content:
-                            self.ttft_s = time.monotonic() - self.started
+                        if item.content:
+                            self._first_text()
                         text.append(item.content)
                     elif isinstance(item, End):
                         self.finish_reason, self.usage = item.finish_reason, item.usage
@@ -372,9 +450,38 @@ class StreamSession:
                 self._finish(Outcome.CANCELLED)
             await self.stop()
 
-    async def _send(self, sink: Sink, data: bytes) -> None:
-        await sink.send(data)
+    def _first_text(self) -> None:
+        if self.ttft_s is None:
+            self.ttft_s = time.monotonic() - self.started
+            self.metrics.ttft.observe(self.ttft_s)
+
+    async def _send_events(self, sink: Sink, parts: list[bytes]) -> None:
+        """Write events (several due together go in one write) and record their gap."""
+        await self.write(sink, b"".join(parts))
+        now = time.monotonic()
+        if self._last_event_at is not None:
+            gap = now - self._last_event_at
+            self.max_gap_s = max(self.max_gap_s, gap)
+            self.metrics.event_gap.observe(gap)
+        self._last_event_at = now
+        self.events += len(parts)
+        self.metrics.events_sent.inc(len(parts))
+
+    async def write(self, sink: Sink, data: bytes) -> None:
+        """Write ``data`` to the client through this session (counted, watched for stalls)."""
+        self.client_watch.begin()
+        try:
+            await sink.send(data)
+        finally:
+            self.client_watch.end()
         self.bytes += len(data)
+        self.metrics.sent_bytes.inc(len(data))
+
+    def record_body(self, size: int) -> None:
+        """A non-streaming reply of ``size`` bytes was written (one event)."""
+        self.events, self.bytes = 1, size
+        self.metrics.events_sent.inc()
+        self.metrics.sent_bytes.inc(size)
 
     def _finish(self, outcome: Outcome) -> None:
         """Record the outcome; the first one wins (a client that left stays ``client_closed``)."""
@@ -388,21 +495,33 @@ class StreamSession:
         self.log_line()
 
     def log_line(self) -> None:
-        """The canonical log line of this stream (once)."""
+        """End the stream's bookkeeping: metrics and the canonical log line (once)."""
         if self._logged:
             return
         self._logged = True
+        self.upstream_watch.end()
+        self.client_watch.end()
+        duration = time.monotonic() - self.started
+        outcome = self.outcome or Outcome.CANCELLED
+        m = self.metrics
+        m.streams_active.dec()
+        m.streams.labels(str(outcome)).inc()
+        m.stream_duration.observe(duration)
         usage = self.usage or {}
+        p99 = _p99(self.lags)
         log.info(
             "stream",
             stream_id=self.stream_id,
             endpoint=self.endpoint,
-            outcome=str(self.outcome),
-            duration_s=round(time.monotonic() - self.started, 4),
+            outcome=str(outcome),
+            duration_s=round(duration, 4),
             ttft_s=None if self.ttft_s is None else round(self.ttft_s, 4),
             events=self.events,
             bytes=self.bytes,
             heartbeats=self.heartbeats,
+            stalls=self.upstream_watch.episodes + self.client_watch.episodes,
+            max_gap_s=round(self.max_gap_s, 4),
+            pacing_lag_p99_s=None if p99 is None else round(p99, 4),
             upstream_status=self.upstream_status,
             finish_reason=self.finish_reason,
             error_code=self.error.error_code() if self.error else None,

@@ -22,7 +22,7 @@ import math
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any
+from typing import Any, Protocol
 
 import httpx
 
@@ -32,6 +32,14 @@ from .sse import Decoder
 
 #: Upstream error bodies are read up to this size to find the OpenAI error object.
 _MAX_ERROR_BODY = 64 * 1024
+
+
+class Waits(Protocol):
+    """Told when sseproxy starts and stops waiting for upstream bytes (stall detection)."""
+
+    def begin(self) -> None: ...
+
+    def end(self) -> None: ...
 
 
 @dataclass(frozen=True, slots=True)
@@ -121,9 +129,12 @@ class ChatStream:
         self.status: int | None = None
         #: The model the upstream says it used (from its chunks).
         self.model: str | None = None
+        #: Told about every wait for upstream bytes, when set.
+        self.waits: Waits | None = None
 
     async def __aenter__(self) -> ChatStream:
-        await self.connect()
+        if self.status is None:
+            await self.connect()
         return self
 
     async def __aexit__(
@@ -137,6 +148,8 @@ class ChatStream:
     async def connect(self) -> None:
         """Send the request and wait for the status; raise the mapped error on failure."""
         self._started = self._loop.time()
+        if self.waits is not None:
+            self.waits.begin()
         try:
             async with asyncio.timeout(self._first_token_timeout):
                 response = await self._client.http.send(self._request, stream=True)
@@ -152,6 +165,9 @@ class ChatStream:
             raise errors.UpstreamUnreachable(
                 f"the upstream could not be reached ({type(exc).__name__})"
             ) from exc
+        finally:
+            if self.waits is not None:
+                self.waits.end()
         self._response = response
         self.status = response.status_code
         if not 200 <= response.status_code < 300:
@@ -217,6 +233,8 @@ class ChatStream:
             while True:
                 budget = self._first_token_timeout if first else self._idle_timeout
                 deadline = (self._started + budget) if first else (self._loop.time() + budget)
+                if self.waits is not None:
+                    self.waits.begin()
                 try:
                     async with asyncio.timeout_at(deadline):
                         chunk = await anext(chunks)
@@ -238,6 +256,9 @@ class ChatStream:
                     raise errors.IncompleteStream(
                         f"the upstream connection broke mid-reply ({type(exc).__name__})"
                     ) from exc
+                finally:
+                    if self.waits is not None:
+                        self.waits.end()
                 try:
                     events = decoder.feed(chunk)
                 except errors.EventTooLarge as exc:

@@ -9,8 +9,9 @@ import pytest
 from fakes import GOOD, Body, chunk, client, responder
 from structlog.testing import capture_logs
 
-from sseproxy import errors, sse
+from sseproxy import config, errors, sse
 from sseproxy.frames import EventSourceFrames
+from sseproxy.metrics import Metrics
 from sseproxy.session import Channel, ClientGone, End, Outcome, StreamSession
 from sseproxy.upstream import Delta
 
@@ -36,8 +37,12 @@ def session_for(parts: list[Any], heartbeat_s: float = 10.0, **upstream: Any) ->
     handler, stream = responder(parts=parts)
     up = client(handler, **upstream)
     s = StreamSession(up, {"model": "m", "messages": []}, stream_id="sid",
-                      heartbeat_s=heartbeat_s, endpoint="test")
+                      settings=settings(heartbeat_s), metrics=Metrics(), endpoint="test")
     return s, stream
+
+
+def settings(heartbeat_s: float = 10.0, **sections: Any) -> config.Settings:
+    return config.Settings(heartbeat=config.HeartbeatSettings(heartbeat_s), **sections)
 
 
 async def test_relay_writes_every_delta_then_done(io_loop: Any) -> None:
@@ -113,7 +118,8 @@ async def test_client_closed_while_the_model_thinks_cancels_the_upstream(io_loop
 
 async def test_accepted_raises_the_status_error(io_loop: Any) -> None:
     handler, _ = responder(429, [b'{"error": {"message": "slow"}}'], {"Retry-After": "2"})
-    s = StreamSession(client(handler), {}, stream_id="x", heartbeat_s=1, endpoint="t")
+    s = StreamSession(client(handler), {}, stream_id="x", settings=settings(),
+                      metrics=Metrics(), endpoint="t")
     with pytest.raises(errors.UpstreamStatusError) as info:
         await s.accepted()
     assert info.value.http_status() == 429

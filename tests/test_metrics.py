@@ -1,0 +1,291 @@
+"""Metrics and the canonical log line agree, and stalls are told apart by side (issue 4)."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+import pytest
+from fakes import chunk, client, responder
+from servers import Running, running, stream
+from structlog.testing import capture_logs
+
+from sseproxy import config, metrics
+from sseproxy.frames import EventSourceFrames
+from sseproxy.metrics import Metrics
+from sseproxy.mockupstream import Scenario
+from sseproxy.session import StreamSession
+
+FAST = Scenario(rate=0, tokens=5)
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+def value(r: Running | Metrics, name: str, **labels: str) -> float:
+    registry = (r.deps.metrics if isinstance(r, Running) else r).registry
+    got = registry.get_sample_value(name, labels)
+    assert got is not None, f"{name}{labels} is not exported"
+    return got
+
+
+def outcomes(logs: list[dict[str, Any]]) -> list[str]:
+    return [e["outcome"] for e in logs if e["event"] == "stream"]
+
+
+def es_url(base: str, prompt: str = "hi") -> str:
+    return f"{base}/v1/chat/stream?prompt={quote(prompt)}"
+
+
+async def scrape(r: Running) -> str:
+    async with httpx.AsyncClient() as c:
+        resp = await c.get(r.url + "/metrics")
+    assert resp.status_code == 200
+    return resp.text
+
+
+def test_every_labelled_series_exists_at_zero() -> None:
+    m = Metrics()
+    for outcome in metrics.OUTCOMES:
+        assert value(m, "sseproxy_streams_total", outcome=outcome) == 0
+    for side in metrics.SIDES:
+        assert value(m, "sseproxy_stalls_total", side=side) == 0
+        assert value(m, "sseproxy_streams_stalled", side=side) == 0
+    for status in metrics.UPSTREAM_STATUSES:
+        assert value(m, "sseproxy_upstream_requests_total", status=status) == 0
+    assert value(m, "sseproxy_build_info", version=metrics.__version__) == 1
+    assert value(m, "process_resident_memory_bytes") > 0
+
+
+@pytest.mark.parametrize("status, label", [
+    (200, "2xx"), (302, "3xx"), (404, "4xx"), (429, "429"), (500, "5xx"), (503, "5xx"),
+    (None, "unreachable")])
+def test_upstream_status_labels_are_bounded(status: int | None, label: str) -> None:
+    assert metrics.upstream_status_label(status) == label
+    assert metrics.upstream_status_label(None, timed_out=True) == "timeout"
+
+
+# --- outcomes: the counter and the log line agree ------------------------------------------
+
+
+async def check_outcome(r: Running, logs: list[dict[str, Any]], outcome: str) -> None:
+    await asyncio.sleep(0.05)
+    assert outcomes(logs) == [outcome]
+    for other in metrics.OUTCOMES:
+        assert value(r, "sseproxy_streams_total", outcome=other) == (other == outcome), other
+    assert value(r, "sseproxy_streams_active") == 0
+
+
+async def test_outcome_completed_with_its_figures(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        with capture_logs() as logs:
+            got = await stream("GET", es_url(r.url))
+        await check_outcome(r, logs, "completed")
+        line = next(e for e in logs if e["event"] == "stream")
+        assert value(r, "sseproxy_events_sent_total") == line["events"] == len(got.events)
+        assert value(r, "sseproxy_sent_bytes_total") == line["bytes"] == len(got.raw)
+        assert value(r, "sseproxy_time_to_first_token_seconds_count") == 1
+        assert value(r, "sseproxy_stream_duration_seconds_count") == 1
+        # one gap per write: events due together share a write (and have no gap between)
+        assert 1 <= value(r, "sseproxy_event_gap_seconds_count") <= line["events"] - 1
+        assert value(r, "sseproxy_upstream_requests_total", status="2xx") == 1
+        assert value(r, "sseproxy_pacing_lag_seconds_count") == 5  # pacing off: 5 pieces
+        assert line["stalls"] == 0 and line["upstream_status"] == 200
+        assert line["max_gap_s"] >= 0 and line["pacing_lag_p99_s"] is not None
+
+
+async def test_outcome_client_closed(io_loop: Any) -> None:
+    async with running(Scenario(rate=20, tokens=1000)) as r:
+        with capture_logs() as logs:
+            await stream("GET", es_url(r.url), stop_after=3)
+            await r.wait_mock("open", 0, within=3)
+        await check_outcome(r, logs, "client_closed")
+
+
+@pytest.mark.parametrize("scenario, outcome, status", [
+    (Scenario(error_status=500), "upstream_error", "5xx"),
+    (Scenario(error_status=429), "upstream_error", "429"),
+    (Scenario(rate=0, tokens=5, error_at=2), "upstream_error", "2xx"),
+    (Scenario(header_delay_s=5), "upstream_timeout", "timeout"),
+    (Scenario(rate=0, tokens=5, stall_at=2, stall_s=5), "upstream_timeout", "2xx"),
+])
+async def test_outcome_of_upstream_failures_on_both_endpoints(
+    io_loop: Any, scenario: Scenario, outcome: str, status: str
+) -> None:
+    async with running(scenario, upstream__first_token_timeout_s=0.3,
+                       upstream__idle_timeout_s=0.3) as r:
+        with capture_logs() as logs:
+            await stream("GET", es_url(r.url))
+        await check_outcome(r, logs, outcome)
+        assert value(r, "sseproxy_upstream_requests_total", status=status) == 1
+
+
+async def test_outcome_upstream_unreachable(io_loop: Any) -> None:
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    port = sock.getsockname()[1]
+    sock.close()
+    async with running(upstream_url=f"http://127.0.0.1:{port}/v1") as r:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient() as c:
+                resp = await c.post(r.url + "/v1/chat/completions",
+                                    json={"messages": CHAT, "stream": True})
+        assert resp.status_code == 502
+        await check_outcome(r, logs, "upstream_error")
+        assert value(r, "sseproxy_upstream_requests_total", status="unreachable") == 1
+
+
+@pytest.mark.parametrize("request_", [
+    {"content": b"{broken"},
+    {"json": {"messages": CHAT, "persona": "nobody"}},
+    {"json": {"messages": [{"role": "user", "content": "x" * 5000}]}},
+])
+async def test_outcome_rejected(io_loop: Any, request_: dict[str, Any]) -> None:
+    async with running(limits__max_body_bytes=4096) as r:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient() as c:
+                resp = await c.post(r.url + "/v1/chat/completions", **request_)
+        assert resp.status_code in (400, 413)
+        await check_outcome(r, logs, "rejected")
+        assert (await r.mock_stats())["requests"] == 0
+
+
+async def test_outcome_rejected_when_overloaded(io_loop: Any) -> None:
+    async with running(Scenario(rate=1, tokens=100), limits__max_streams=1) as r:
+        first = asyncio.create_task(stream("GET", es_url(r.url)))
+        try:
+            await r.wait_mock("open", 1, within=3)
+            with capture_logs() as logs:
+                got = await stream("GET", es_url(r.url))
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+        assert got.events[-1].event == "error"
+        assert outcomes(logs) == ["rejected"]
+        assert value(r, "sseproxy_streams_total", outcome="rejected") == 1
+
+
+def session(parts: list[Any], m: Metrics, **upstream: Any) -> StreamSession:
+    handler, _ = responder(parts=parts)
+    return StreamSession(client(handler, **upstream), {"model": "m", "messages": []},
+                         settings=config.Settings(), metrics=m, stream_id="s", endpoint="t")
+
+
+class Sink:
+    def __init__(self) -> None:
+        self.data = b""
+
+    async def send(self, data: bytes) -> None:
+        self.data += data
+
+
+async def test_outcome_cancelled_when_the_relay_is_cancelled(io_loop: Any) -> None:
+    # e.g. the server shutting down under a running stream
+    m = Metrics()
+    s = session([chunk("a"), 30.0], m)
+    with capture_logs() as logs:
+        task = asyncio.create_task(s.relay(Sink(), EventSourceFrames("s", 1)))
+        await asyncio.sleep(0.1)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+    assert outcomes(logs) == ["cancelled"]
+    assert value(m, "sseproxy_streams_total", outcome="cancelled") == 1
+    assert value(m, "sseproxy_streams_active") == 0
+
+
+async def test_outcome_internal_error(io_loop: Any) -> None:
+    async def broken(request: httpx.Request) -> httpx.Response:
+        raise RuntimeError("a bug")
+
+    m = Metrics()
+    s = StreamSession(client(broken), {}, settings=config.Settings(), metrics=m,
+                      stream_id="s", endpoint="t")
+    sink = Sink()
+    with capture_logs() as logs:
+        await s.relay(sink, EventSourceFrames("s", 1))
+    assert b"event: error" in sink.data and b"a bug" not in sink.data
+    assert outcomes(logs) == ["internal_error"]
+    assert value(m, "sseproxy_streams_total", outcome="internal_error") == 1
+
+
+# --- stalls, told apart by side ------------------------------------------------------------
+
+
+def stalled(text: str, side: str) -> float:
+    for line in text.splitlines():
+        if line.startswith(f'sseproxy_streams_stalled{{side="{side}"}}'):
+            return float(line.split()[-1])
+    raise AssertionError(f"no stalled gauge for {side} in the scrape")
+
+
+async def test_an_upstream_pause_is_an_upstream_stall_while_it_lasts(io_loop: Any) -> None:
+    scenario = Scenario(rate=0, tokens=4, stall_at=2, stall_s=2.5)
+    async with running(scenario, stall__threshold_s=0.5, heartbeat__interval_s=0.2) as r:
+        with capture_logs() as logs:
+            reader = asyncio.create_task(stream("GET", es_url(r.url)))
+            await r.wait_mock("open", 1, within=3)
+            await asyncio.sleep(1.25)  # inside the simulator's pause, past the threshold
+            during = await scrape(r)
+            got = await reader
+        after = await scrape(r)
+    assert stalled(during, "upstream") == 1 and stalled(during, "client") == 0
+    assert stalled(after, "upstream") == 0
+    assert value(r, "sseproxy_stalls_total", side="upstream") == 1
+    assert value(r, "sseproxy_stalls_total", side="client") == 0
+    assert got.events[-1].event == "done" and got.pings  # heartbeats kept it open
+    line = next(e for e in logs if e["event"] == "stream")
+    assert line["outcome"] == "completed" and line["stalls"] == 1
+    assert line["max_gap_s"] > 2.0  # the gap between the 2nd and 3rd token
+
+
+async def test_a_client_that_stops_reading_is_a_client_stall_then_dropped(io_loop: Any) -> None:
+    # a long, steady reply: the upstream never pauses, the client never reads
+    flood = Scenario(rate=5000, tokens=100_000)
+    async with running(flood, stall__threshold_s=0.5, stall__client_timeout_s=2.0,
+                       sndbuf=8192) as r:
+        port = int(r.url.rsplit(":", 1)[1])
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        with capture_logs() as logs:
+            await loop.sock_connect(sock, ("127.0.0.1", port))
+            await loop.sock_sendall(sock, b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\n"
+                                          b"Host: x\r\n\r\n")
+            await r.wait_mock("open", 1, within=5)
+            for _ in range(100):  # the client side stalls once its buffers are full
+                if value(r, "sseproxy_streams_stalled", side="client") == 1:
+                    break
+                await asyncio.sleep(0.05)
+            during_client = value(r, "sseproxy_streams_stalled", side="client")
+            during_upstream = value(r, "sseproxy_streams_stalled", side="upstream")
+            await r.wait_mock("open", 0, within=20)
+            await asyncio.sleep(0.05)
+        stats = await r.mock_stats()
+        sock.close()
+        assert during_client == 1 and during_upstream == 0
+        assert value(r, "sseproxy_streams_stalled", side="client") == 0
+        assert value(r, "sseproxy_stalls_total", side="client") == 1
+        assert value(r, "sseproxy_stalls_total", side="upstream") == 0
+        assert value(r, "sseproxy_streams_total", outcome="client_stalled") == 1
+    assert stats["cancelled"] == 1
+    assert outcomes(logs) == ["client_stalled"]
+
+
+async def test_heartbeats_are_counted(io_loop: Any) -> None:
+    async with running(Scenario(rate=0, tokens=2, first_delay_s=1.0),
+                       heartbeat__interval_s=0.2) as r:
+        got = await stream("GET", es_url(r.url))
+        assert value(r, "sseproxy_heartbeats_total") == len(got.pings) >= 2
+
+
+async def test_metrics_exposition_is_prometheus_text(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        await stream("GET", es_url(r.url))
+        async with httpx.AsyncClient() as c:
+            resp = await c.get(r.url + "/metrics")
+    assert resp.headers["Content-Type"].startswith("text/plain")
+    assert 'sseproxy_streams_total{outcome="completed"} 1.0' in resp.text
+    assert "# TYPE sseproxy_time_to_first_token_seconds histogram" in resp.text
