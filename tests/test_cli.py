@@ -159,3 +159,16 @@ def test_sighup_reloads_pacing_and_a_bad_file_keeps_the_running_settings(
     assert "pacing.target_lag_s = 'soon'" in failure["reason"]
     assert 'sseproxy_config_reloads_total{result="ok"} 1.0' in metrics
     assert 'sseproxy_config_reloads_total{result="error"} 1.0' in metrics
+
+
+def test_metrics_on_a_separate_listener(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process("serve", "--port", str(port), "--set", f"metrics.port={metrics_port}",
+                 url=base + "/healthz", log=tmp_path / "serve.log"):
+        read_events(base + "/v1/chat/stream?prompt=hi")
+        public = httpx.get(base + "/metrics")
+        private = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics")
+    assert public.status_code == 404
+    assert private.status_code == 200
+    assert 'sseproxy_streams_total{outcome="completed"} 1.0' in private.text
