@@ -11,11 +11,13 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Mapping
 from typing import Any
 
 import structlog
 import tornado.httpserver
+import tornado.netutil
 import tornado.web
 
 from . import config, handlers, mockupstream
@@ -121,10 +123,24 @@ def reload_settings(deps: Deps, overrides: Mapping[str, Any] | None = None) -> b
     return True
 
 
-async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) -> int:
+async def serve(
+    settings: Settings,
+    overrides: Mapping[str, Any] | None = None,
+    *,
+    sockets: list[socket.socket] | None = None,
+    worker: int = 0,
+) -> int:
     """Run one sseproxy process until SIGINT or SIGTERM; SIGHUP reloads the config file.
 
-    ``overrides`` are the command-line flags, applied again on every reload.
+    ``overrides`` are the command-line flags, applied again on every reload. ``sockets``
+    are the listening sockets a worker bound (``worker`` is its index, see
+    :mod:`sseproxy.workers`); without them the process binds ``server.host:server.port``.
+
+    SIGTERM (or SIGINT) shuts down gracefully: the listeners close at once (new
+    connections are refused, so a proxy moves on to another instance), ``/readyz`` fails,
+    running streams may finish for ``server.shutdown_grace_s``, then those still running
+    get a ``server_shutdown`` error and end, upstream requests are cancelled, and the
+    process exits 0. A second SIGTERM or SIGINT exits at once.
     """
     mock_server = None
     upstream_url = settings.upstream_url
@@ -137,32 +153,66 @@ async def serve(settings: Settings, overrides: Mapping[str, Any] | None = None) 
         log.warning("upstream_key_missing", env=settings.upstream.api_key_env,
                     hint="requests go out without an Authorization header")
     deps = await build_deps(settings, upstream_url)
-    app = make_app(settings, deps)
-    server = make_server(app, settings)
-    server.listen(settings.server.port, settings.server.host)
+    server = make_server(make_app(settings, deps), settings)
+    if sockets is None:
+        sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host,
+                                               backlog=4096)
+    server.add_sockets(sockets)
     metrics_server = None
     if settings.metrics.port:
         metrics_server = tornado.httpserver.HTTPServer(make_metrics_app(deps))
-        metrics_server.listen(settings.metrics.port, settings.metrics.host)
-        log.info("metrics_listening", host=settings.metrics.host, port=settings.metrics.port)
+        metrics_server.listen(settings.metrics.port + worker, settings.metrics.host)
+        log.info("metrics_listening", host=settings.metrics.host,
+                 port=settings.metrics.port + worker)
     log.info("listening", host=settings.server.host, port=settings.server.port,
-             upstream=upstream_url, upstream_kind=settings.upstream.kind, pid=os.getpid())
+             upstream=upstream_url, upstream_kind=settings.upstream.kind, pid=os.getpid(),
+             worker=worker)
 
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
+
+    def on_stop_signal(signum: int) -> None:
+        if stop.is_set():
+            log.warning("exiting_now", signal=signal.Signals(signum).name)
+            os._exit(1)  # a second signal: no more waiting
+        stop.set()
+
     for sig in (signal.SIGINT, signal.SIGTERM):
-        loop.add_signal_handler(sig, stop.set)
+        loop.add_signal_handler(sig, on_stop_signal, sig)
     loop.add_signal_handler(signal.SIGHUP, reload_settings, deps, overrides)
     try:
         await stop.wait()
     finally:
-        log.info("stopping")
-        server.stop()
+        server.stop()  # close the listeners: new connections are refused from now on
         if metrics_server is not None:
             metrics_server.stop()
-        await server.close_all_connections()
+        await drain(deps, deps.settings.server.shutdown_grace_s)
+        try:
+            await asyncio.wait_for(server.close_all_connections(), timeout=2.0)
+        except TimeoutError:
+            log.warning("connections_left_open")
         await deps.upstream.aclose()
         if mock_server is not None:
             mock_server.stop()
             await mock_server.close_all_connections()
+        log.info("stopped", pid=os.getpid(), worker=worker)
     return 0
+
+
+async def drain(deps: Deps, grace_s: float) -> None:
+    """Let running streams finish for ``grace_s``, then end the rest with a
+    ``server_shutdown`` error (after what they already received, within ``pacing.drain_s``)."""
+    slots = deps.slots
+    slots.draining = True
+    log.info("draining", streams=slots.active, grace_s=grace_s)
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + grace_s
+    while slots.active and loop.time() < deadline:
+        await asyncio.sleep(0.05)
+    if slots.active:
+        log.info("ending_streams", streams=slots.active)
+        for session in list(slots.sessions):
+            session.shut_down()
+        deadline = loop.time() + deps.settings.pacing.drain_s + 2.0
+        while slots.active and loop.time() < deadline:
+            await asyncio.sleep(0.05)

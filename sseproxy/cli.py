@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import asyncio
 import json
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, config, logs, mockupstream
+from . import __version__, config, logs, mockupstream, workers
 from .errors import ConfigError
 
 COMMANDS = ("serve", "check-config", "mock-upstream")
@@ -71,13 +70,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return mockupstream.run(args)
         overrides = _overrides(args)
         settings = config.load(args.config, overrides=overrides)
-        if settings.server.workers != 1:
-            raise ConfigError("server.workers: several worker processes are not supported yet; "
-                              "run one process per port behind Nginx")
     except ConfigError as exc:
         print(f"sseproxy: configuration error: {exc.message}", file=sys.stderr)
         return 2
     logs.configure(settings.logging)
-    from .app import serve
-
-    return asyncio.run(serve(settings, overrides))
+    return workers.run(settings, overrides)

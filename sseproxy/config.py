@@ -43,7 +43,12 @@ def _range(lo: float | None = None, hi: float | None = None) -> dict[str, Any]:
 class ServerSettings:
     host: str = "127.0.0.1"
     port: int = field(default=8080, metadata=_range(0, 65535))
+    #: Processes sharing the listening socket (one per core); each serves its own
+    #: ``/metrics`` on ``metrics.port + i``, so ``metrics.port`` is required when > 1.
     workers: int = field(default=1, metadata=_range(1, 256))
+    #: SIGTERM lets running streams finish for this long, then ends them with an
+    #: ``event: error`` (code ``server_shutdown``).
+    shutdown_grace_s: float = field(default=30.0, metadata=_range(0, 3600))
     #: The ``retry:`` sent first on every EventSource stream (milliseconds).
     retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
     #: gzip for ordinary (non-stream) responses; streams are never compressed.
@@ -346,6 +351,11 @@ def _validate(settings: Settings) -> None:
     if up.kind == "local":
         raise ConfigError("upstream.kind = 'local': the bundled local model is not part of this "
                           "build; use 'mock' or 'openai' with upstream.base_url")
+    if settings.server.workers > 1 and not settings.metrics.port:
+        raise ConfigError(
+            f"server.workers = {settings.server.workers}: several workers need metrics.port "
+            "(worker i serves its own /metrics on metrics.port + i; on the shared port a "
+            "scrape would reach one worker at random)")
     url = settings.upstream_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"upstream.base_url = {up.base_url!r}: must start with http:// or "

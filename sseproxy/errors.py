@@ -11,6 +11,8 @@ exceptions are translated into it once, at the boundary where they happen
     │   └── BodyTooLarge               body_too_large         413
     ├── Overloaded                     overloaded             429 (an ``event: error`` on
     │                                                          EventSource URLs, never a 503)
+    ├── ServerShutdown                 server_shutdown        503 (mid-stream: an error event,
+    │                                                          with ``retry:`` on EventSource)
     ├── SSEDecodeError                 (the codec's own; wrapped into MalformedFrame upstream)
     │   └── EventTooLarge
     └── UpstreamError                                         502 unless said otherwise
@@ -107,6 +109,17 @@ class Overloaded(SSEProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class ServerShutdown(SSEProxyError):
+    """The process is shutting down and its grace period for running streams is over."""
+
+    status = 503
+    code = "server_shutdown"
+    retryable = True
+
+    def __init__(self) -> None:
+        super().__init__("sseproxy is restarting; reconnect to continue")
 
 
 # --- the SSE codec ----------------------------------------------------------

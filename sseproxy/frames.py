@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from typing import Any, Protocol
 
 from . import sse
-from .errors import SSEProxyError
+from .errors import ServerShutdown, SSEProxyError
 from .upstream import Delta
 
 HEARTBEAT = sse.encode(comment="ping")
@@ -76,7 +76,10 @@ class EventSourceFrames:
         return sse.encode(data, event="done", id=self._next_id())
 
     def error(self, error: SSEProxyError) -> bytes:
-        return sse.encode(dumps(error_object(error)), event="error", id=self._next_id())
+        # On shutdown, ``retry:`` tells EventSource when to reconnect (to another instance).
+        retry = self.retry_ms if isinstance(error, ServerShutdown) else None
+        return sse.encode(dumps(error_object(error)), event="error", id=self._next_id(),
+                          retry=retry)
 
 
 class OpenAIFrames:

@@ -39,20 +39,30 @@ _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
 class StreamSlots:
-    """Counts running streams against ``limits.max_streams``."""
+    """The running streams of this process, counted against ``limits.max_streams``."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.active = 0
+        #: Sessions relaying now (a shutdown ends those still running after the grace).
+        self.sessions: set[StreamSession] = set()
+        #: Set when the process is shutting down: /readyz fails, new streams are refused.
+        self.draining = False
 
     def acquire(self) -> bool:
-        if self.active >= self.limit:
+        if self.active >= self.limit or self.draining:
             return False
         self.active += 1
         return True
 
-    def release(self) -> None:
+    def release(self, session: StreamSession | None = None) -> None:
         self.active -= 1
+        if session is not None:
+            self.sessions.discard(session)
+
+    def refusal(self) -> errors.SSEProxyError:
+        """Why a stream cannot start now."""
+        return errors.ServerShutdown() if self.draining else errors.Overloaded(self.limit)
 
 
 @dataclass
@@ -165,6 +175,7 @@ class StreamingHandler(BaseHandler):
             request_id=self.request_id,
             log_fields=fields,
         )
+        self.deps.slots.sessions.add(self.session)
         return self.session
 
     endpoint = "stream"
@@ -221,14 +232,14 @@ class ChatCompletionsHandler(StreamingHandler):
             self.send_error_object(exc)
             return
         if not self.deps.slots.acquire():
-            overloaded = errors.Overloaded(self.deps.slots.limit)
-            self.rejected(overloaded)
-            self.send_error_object(overloaded)
+            refusal = self.deps.slots.refusal()
+            self.rejected(refusal)
+            self.send_error_object(refusal)
             return
         try:
             await self._relay(req)
         finally:
-            self.deps.slots.release()
+            self.deps.slots.release(self.session)
 
     async def _relay(self, req: validate.ChatRequest) -> None:
         stream_id = new_stream_id()
@@ -320,9 +331,9 @@ class ChatStreamHandler(StreamingHandler):
         self.set_header("X-Stream-ID", stream_id)
         if not self.deps.slots.acquire():
             # Never a bare 503 on an EventSource URL: the browser would not say why.
-            overloaded = errors.Overloaded(self.deps.slots.limit)
-            self.rejected(overloaded)
-            await self._send_quietly(frames.opening() + frames.error(overloaded))
+            refusal = self.deps.slots.refusal()
+            self.rejected(refusal)
+            await self._send_quietly(frames.opening() + frames.error(refusal))
             self.finish_quietly()
             return
         try:
@@ -334,7 +345,7 @@ class ChatStreamHandler(StreamingHandler):
                 session.client_closed()
             await session.relay(self, frames)
         finally:
-            self.deps.slots.release()
+            self.deps.slots.release(self.session)
         self.finish_quietly()
 
     async def _send_quietly(self, data: bytes) -> None:
@@ -353,7 +364,11 @@ class HealthHandler(BaseHandler):
 class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
-        self.finish({"status": "ready", "streams": self.deps.slots.active})
+        slots = self.deps.slots
+        if slots.draining:
+            self.set_status(503)
+        self.finish({"status": "draining" if slots.draining else "ready",
+                     "streams": slots.active})
 
 
 class MetricsHandler(BaseHandler):

@@ -11,6 +11,7 @@ reads every line.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 from typing import Any, TextIO
 
@@ -19,9 +20,16 @@ import structlog
 from .config import LoggingSettings
 
 
+def add_pid(logger: Any, method: str, event_dict: Any) -> Any:
+    """Every line names its process (several workers may share one log)."""
+    event_dict.setdefault("pid", os.getpid())
+    return event_dict
+
+
 def _processors() -> list[Any]:
     return [
         structlog.contextvars.merge_contextvars,
+        add_pid,
         structlog.stdlib.add_log_level,
         structlog.stdlib.add_logger_name,
         structlog.processors.TimeStamper(fmt="iso", utc=True),

@@ -61,6 +61,8 @@ class Outcome(enum.StrEnum):
 
 
 def outcome_of(error: errors.SSEProxyError) -> Outcome:
+    if isinstance(error, errors.ServerShutdown):
+        return Outcome.CANCELLED
     if isinstance(error, errors.UpstreamTimeout):
         return Outcome.UPSTREAM_TIMEOUT
     if isinstance(error, errors.UpstreamError):
@@ -334,6 +336,16 @@ class StreamSession:
             return
         task.cancel()
         await asyncio.wait([task], timeout=PUMP_CLOSE_TIMEOUT_S)
+
+    def shut_down(self) -> None:
+        """The server is stopping: cancel the upstream; what was received is still sent
+        (within ``pacing.drain_s``), then a ``server_shutdown`` error ends the stream."""
+        error = errors.ServerShutdown()
+        if not self._accepted.is_set():
+            self._open_error = error  # no headers yet: the OpenAI endpoint answers 503
+        if self._pump_task is not None:
+            self._pump_task.cancel()
+        self.channel.put_nowait(Failed(error))
 
     def client_closed(self) -> None:
         """The client went away: stop the upstream now and wake the writer."""

@@ -110,7 +110,7 @@ def test_serve_in_front_of_a_separate_mock_upstream_process(tmp_path: Path) -> N
 
 @pytest.mark.parametrize("args, needle", [
     (["serve", "--port", "99999"], "server.port = 99999"),
-    (["serve", "--workers", "2"], "server.workers"),
+    (["serve", "--workers", "0"], "server.workers = 0"),
 ])
 def test_serve_refuses_bad_settings_with_exit_2(args: list[str], needle: str) -> None:
     out = subprocess.run([sys.executable, "-m", "sseproxy", *args], env=clean_env(),

@@ -1,0 +1,216 @@
+"""The process model as it runs in production: graceful SIGTERM, a second signal, and
+several workers (issue 5). Real `sseproxy` processes and a separate simulator process."""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+from test_cli import clean_env, free_port, process
+
+from sseproxy import sse
+from sseproxy.mockupstream import Scenario
+
+CHAT = [{"role": "user", "content": "hi"}]
+
+
+@contextmanager
+def simulator(tmp_path: Path) -> Iterator[str]:
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    with process("mock-upstream", "--port", str(port), url=url + "/v1/models",
+                 log=tmp_path / "mock.log"):
+        yield url
+
+
+class Reader(threading.Thread):
+    """Reads one event stream in the background, keeping every event and how it ended."""
+
+    def __init__(self, method: str, url: str, **kwargs: Any) -> None:
+        super().__init__(daemon=True)
+        self.method, self.url, self.kwargs = method, url, kwargs
+        self.events: list[sse.Event] = []
+        self.raw = b""
+        self.status = 0
+        self.error: Exception | None = None
+        self.opened = threading.Event()
+
+    def run(self) -> None:
+        decoder = sse.Decoder()
+        try:
+            with httpx.stream(self.method, self.url, timeout=30, **self.kwargs) as r:
+                self.status = r.status_code
+                for chunk in r.iter_raw():
+                    self.raw += chunk
+                    self.events += decoder.feed(chunk)
+                    self.opened.set()
+        except Exception as exc:  # recorded for the test to assert on
+            self.error = exc
+        finally:
+            self.opened.set()
+
+
+def start_streams(base: str) -> dict[str, Reader]:
+    """Two short and two long streams, one of each on each endpoint."""
+    short = Scenario(rate=10, tokens=8).to_model()
+    long = Scenario(rate=4, tokens=1000).to_model()
+    return {
+        "short_es": Reader("GET", f"{base}/v1/chat/stream?prompt=short&persona=short"),
+        "long_es": Reader("GET", f"{base}/v1/chat/stream?prompt=long"),
+        "short_api": Reader("POST", f"{base}/v1/chat/completions",
+                            json={"model": short, "messages": CHAT, "stream": True}),
+        "long_api": Reader("POST", f"{base}/v1/chat/completions",
+                           json={"model": long, "messages": CHAT, "stream": True}),
+    }
+
+
+def wait_open(mock: str, count: int, within: float = 10.0) -> None:
+    deadline = time.monotonic() + within
+    while httpx.get(mock + "/mock/stats").json()["open"] < count:
+        assert time.monotonic() < deadline, "streams did not open"
+        time.sleep(0.05)
+
+
+def test_sigterm_lets_short_streams_finish_and_ends_long_ones(tmp_path: Path) -> None:
+    grace = 2.0
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    conf = tmp_path / "sseproxy.toml"
+    with simulator(tmp_path) as mock:
+        # the EventSource endpoint takes its model from the config; the short one from a
+        # persona, so that one process serves both lengths
+        conf.write_text(
+            f'[server]\nshutdown_grace_s = {grace}\nretry_ms = 1500\n'
+            f'[upstream]\nbase_url = "{mock}/v1"\n'
+            f'model = "{Scenario(rate=4, tokens=1000).to_model()}"\n'
+            '[pacing]\nmode = "off"\n'
+            f'[personas.short]\nsystem = "s"\nmodel = "{Scenario(rate=10, tokens=8).to_model()}"\n')
+        with process("serve", "--config", str(conf), "--port", str(port),
+                     url=base + "/healthz", log=tmp_path / "serve.log") as proc:
+            readers = start_streams(base)
+            keepalive = httpx.Client()
+            assert keepalive.get(base + "/readyz").status_code == 200
+            for reader in readers.values():
+                reader.start()
+            wait_open(mock, 4)
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.3)
+            with pytest.raises(httpx.ConnectError):  # the listener is closed at once
+                httpx.get(base + "/healthz", timeout=2)
+            draining = keepalive.get(base + "/readyz")  # an open connection still answers
+            code = proc.wait(timeout=grace + 10)
+            took = time.monotonic() - sent
+            keepalive.close()
+        for reader in readers.values():
+            reader.join(timeout=5)
+        stats = httpx.get(mock + "/mock/stats").json()
+
+    assert code == 0
+    assert took < grace + 2.0
+    assert draining.status_code == 503 and draining.json()["status"] == "draining"
+    short_es, long_es = readers["short_es"], readers["long_es"]
+    assert short_es.error is None and short_es.events[-1].event == "done"
+    assert long_es.error is None and long_es.events[-1].event == "error"
+    assert json.loads(long_es.events[-1].data)["error"]["code"] == "server_shutdown"
+    assert b"retry: 1500\n" in long_es.raw.rsplit(b"\n\n", 2)[-2]  # reconnect elsewhere
+    short_api, long_api = readers["short_api"], readers["long_api"]
+    assert short_api.error is None and short_api.raw.endswith(b"data: [DONE]\n\n")
+    assert long_api.error is None
+    last = long_api.events[-1].data
+    assert json.loads(last)["error"]["code"] == "server_shutdown"
+    assert stats["completed"] == 2 and stats["cancelled"] == 2 and stats["open"] == 0
+    log = (tmp_path / "serve.log").read_text()
+    lines = [json.loads(x) for x in log.splitlines() if x.startswith("{")]
+    ended = sorted(x["outcome"] for x in lines if x["event"] == "stream")
+    assert ended == ["cancelled", "cancelled", "completed", "completed"]
+
+
+def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with simulator(tmp_path) as mock:
+        with process("serve", "--port", str(port), "--upstream-url", mock + "/v1",
+                     "--set", "server.shutdown_grace_s=60",
+                     "--set", f"upstream.model={Scenario(rate=2, tokens=1000).to_model()}",
+                     url=base + "/healthz", log=tmp_path / "serve.log") as proc:
+            reader = Reader("GET", base + "/v1/chat/stream?prompt=x")
+            reader.start()
+            wait_open(mock, 1)
+            proc.send_signal(signal.SIGTERM)
+            time.sleep(0.5)
+            assert proc.poll() is None  # draining, within its 60 s grace
+            sent = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+            code = proc.wait(timeout=10)
+            took = time.monotonic() - sent
+        reader.join(timeout=5)
+    assert code != 0
+    assert took < 2.0
+
+
+def test_two_workers_both_serve_and_their_metrics_add_up(tmp_path: Path) -> None:
+    port, metrics_port = free_port(), free_port()
+    while metrics_port + 1 == port:
+        metrics_port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    count = 40
+    with simulator(tmp_path) as mock:
+        model = Scenario(rate=20, tokens=10).to_model()
+        with process("serve", "--port", str(port), "--workers", "2", "--upstream-url",
+                     mock + "/v1", "--set", f"metrics.port={metrics_port}",
+                     "--set", f"upstream.model={model}",
+                     url=base + "/healthz", log=log) as proc:
+            # both workers must be up before the load starts
+            for i in range(2):
+                deadline = time.monotonic() + 20
+                while True:
+                    try:
+                        httpx.get(f"http://127.0.0.1:{metrics_port + i}/metrics", timeout=1)
+                        break
+                    except httpx.TransportError:
+                        assert time.monotonic() < deadline, f"worker {i} never listened"
+                        time.sleep(0.1)
+            readers = [Reader("GET", f"{base}/v1/chat/stream?prompt=n{i}")
+                       for i in range(count)]
+            for reader in readers:
+                reader.start()
+            for reader in readers:
+                reader.join(timeout=30)
+            scrapes = [httpx.get(f"http://127.0.0.1:{metrics_port + i}/metrics").text
+                       for i in range(2)]
+            proc.send_signal(signal.SIGTERM)
+            assert proc.wait(timeout=15) == 0
+    assert all(r.error is None and r.events[-1].event == "done" for r in readers)
+    completed = [completed_count(text) for text in scrapes]
+    assert sum(completed) == count
+    assert all(c > 0 for c in completed), completed  # the kernel spread the connections
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    pids = {x["pid"] for x in lines if x["event"] == "stream"}
+    assert len(pids) == 2
+    assert sum(1 for x in lines if x["event"] == "stream") == count
+
+
+def completed_count(exposition: str) -> int:
+    for line in exposition.splitlines():
+        if line.startswith('sseproxy_streams_total{outcome="completed"}'):
+            return int(float(line.split()[-1]))
+    raise AssertionError("no completed counter in the scrape")
+
+
+def test_several_workers_need_metrics_port() -> None:
+    out = subprocess.run([sys.executable, "-m", "sseproxy", "serve", "--workers", "2"],
+                         env=clean_env(), capture_output=True, text=True, timeout=30)
+    assert out.returncode == 2
+    assert "metrics.port" in out.stderr
