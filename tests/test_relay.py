@@ -523,16 +523,24 @@ async def test_an_8kb_burst_leaves_as_a_smooth_stream_of_pieces(io_loop: Any) ->
     sizes = [len(json.loads(e.data)["content"].encode()) for e, _ in deltas]
     assert len(deltas) >= 10 and max(sizes) < 8192 / 4  # many pieces, not one 8 KB jump
     first, last = deltas[0][1], deltas[-1][1]
-    assert last - first >= pacing.target_lag_s / 2  # spread over time ...
-    assert last - first <= pacing.max_lag_s + 1.0  # ... and done within max_lag_s (+ noise)
+    # spread over time (many separate reads, not one), and done within max_lag_s; the
+    # margins allow for a loaded machine, where a late loop merges pieces
+    assert len({t for _, t in deltas}) >= 8
+    assert last - first >= pacing.target_lag_s / 4
+    assert last - first <= pacing.max_lag_s + 1.0
 
 
 async def test_the_same_burst_without_pacing_is_one_jump(io_loop: Any) -> None:
-    async with running(BURST, pacing__mode="off") as r:
-        got = await stream("GET", es_url(r.url))
-    deltas = [t for e, t in zip(got.events, got.times, strict=True) if e.event == "message"]
-    assert len(deltas) == 1400
-    assert deltas[-1] - deltas[0] < 0.25  # everything at once
+    spreads = {}
+    for mode in ("off", "smooth"):
+        async with running(BURST, pacing__mode=mode) as r:
+            got = await stream("GET", es_url(r.url))
+        times = [t for e, t in zip(got.events, got.times, strict=True) if e.event == "message"]
+        spreads[mode] = times[-1] - times[0]
+        if mode == "off":
+            assert len(times) == 1400  # one event per upstream delta
+    # measured in the same run: without pacing the burst lands at once
+    assert spreads["off"] < spreads["smooth"] / 2, spreads
 
 
 async def test_paced_openai_chunks_keep_id_model_created_and_an_intact_end(io_loop: Any) -> None:
