@@ -22,7 +22,7 @@ import math
 from collections.abc import AsyncGenerator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import httpx
 
@@ -226,7 +226,7 @@ class ChatStream:
             await self.connect()
         assert self._response is not None
         decoder = Decoder(max_event_bytes=self._max_event_bytes)
-        chunks = self._response.aiter_bytes()
+        chunks = cast(AsyncGenerator[bytes, None], self._response.aiter_bytes())
         finished = False
         first = True
         try:
@@ -279,6 +279,9 @@ class ChatStream:
                         finished = True
                     yield delta
         finally:
+            # Close the byte iterator here, in this task: left to the garbage collector,
+            # its finaliser would run as a stray task, maybe after the loop is gone.
+            await chunks.aclose()
             await self.aclose()
         if not finished:
             raise errors.IncompleteStream(

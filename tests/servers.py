@@ -7,6 +7,7 @@ Also a small EventSource-like reader that timestamps what arrives.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import socket
@@ -146,16 +147,17 @@ async def stream(
             got.status, got.headers = response.status_code, response.headers
             got.headers_at = time.monotonic() - start
             try:
-                async for chunk in response.aiter_raw():
-                    now = time.monotonic() - start
-                    got.raw += chunk
-                    if b": ping" in chunk:
-                        got.pings.append(now)
-                    for event in decoder.feed(chunk):
-                        got.events.append(event)
-                        got.times.append(now)
-                    if stop_after is not None and len(got.events) >= stop_after:
-                        return got
+                async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                    async for chunk in chunks:
+                        now = time.monotonic() - start
+                        got.raw += chunk
+                        if b": ping" in chunk:
+                            got.pings.append(now)
+                        for event in decoder.feed(chunk):
+                            got.events.append(event)
+                            got.times.append(now)
+                        if stop_after is not None and len(got.events) >= stop_after:
+                            return got
                 got.complete = True
             except httpx.RemoteProtocolError:
                 got.complete = False
