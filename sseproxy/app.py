@@ -25,6 +25,7 @@ from .config import Settings
 from .errors import ConfigError
 from .handlers import Deps, StreamSlots
 from .metrics import Metrics
+from .session import StallMonitor
 from .upstream import UpstreamClient, make_http_client
 
 log = structlog.get_logger("sseproxy.app")
@@ -99,8 +100,11 @@ async def build_deps(
         settings, http, base_url=upstream_url, api_key=config.api_key(settings)
     )
     slots = StreamSlots(settings.limits.max_streams)
-    return Deps(settings=settings, upstream=upstream, slots=slots,
-                metrics=metrics if metrics is not None else Metrics())
+    deps = Deps(settings=settings, upstream=upstream, slots=slots,
+                metrics=metrics if metrics is not None else Metrics(),
+                monitor=StallMonitor(slots.sessions, lambda: deps.settings))
+    deps.monitor.start()
+    return deps
 
 
 def reload_settings(deps: Deps, overrides: Mapping[str, Any] | None = None) -> bool:
@@ -191,6 +195,7 @@ async def serve(
             await asyncio.wait_for(server.close_all_connections(), timeout=2.0)
         except TimeoutError:
             log.warning("connections_left_open")
+        deps.monitor.stop()
         await deps.upstream.aclose()
         if mock_server is not None:
             mock_server.stop()

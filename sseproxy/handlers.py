@@ -25,7 +25,7 @@ from . import __version__, errors, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
 from .metrics import Metrics
-from .session import ClientGone, ClientStalled, Outcome, StreamSession
+from .session import ClientGone, Outcome, StallMonitor, StreamSession
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("sseproxy.http")
@@ -73,6 +73,7 @@ class Deps:
     upstream: UpstreamClient
     slots: StreamSlots
     metrics: Metrics
+    monitor: StallMonitor
 
 
 def new_stream_id() -> str:
@@ -141,21 +142,44 @@ class StreamingHandler(BaseHandler):
         """:class:`~sseproxy.session.Sink`: write and flush at once.
 
         A flush that does not complete within ``stall.client_timeout_s`` means the client
-        (or a proxy in between) stopped reading: the connection is closed, which frees its
-        buffers, and :class:`ClientStalled` ends the stream.
+        (or a proxy in between) stopped reading: the session's monitor then drops the
+        client (:meth:`disconnect`), which frees its buffers and ends the stream.
         """
         self.write(data)
         try:
-            async with asyncio.timeout(self.cfg.stall.client_timeout_s):
-                await self.flush()
+            flushed = self.flush()
+            if not flushed.done():
+                # Tornado forgets a pending flush when the connection closes, so wait for
+                # the close notification too.
+                gone = self._gone = asyncio.get_running_loop().create_future()
+                try:
+                    await asyncio.wait((flushed, gone), return_when=asyncio.FIRST_COMPLETED)
+                finally:
+                    self._gone = None
+                if not flushed.done():
+                    raise ClientGone
+            flushed.result()
         except StreamClosedError:
             raise ClientGone from None
-        except TimeoutError:
-            if isinstance(self.request.connection, HTTP1Connection):
-                self.request.connection.close()
-            raise ClientStalled from None
+        if self._closed:  # Tornado may also resolve the flush of a closed connection
+            raise ClientGone
+
+    _closed = False
+    _gone: asyncio.Future[None] | None = None
+
+    def _mark_gone(self) -> None:
+        self._closed = True
+        if self._gone is not None and not self._gone.done():
+            self._gone.set_result(None)
+
+    def disconnect(self) -> None:
+        """Drop a client that stopped reading: close its socket and end the pending flush."""
+        self._mark_gone()
+        if isinstance(self.request.connection, HTTP1Connection):
+            self.request.connection.stream.close()
 
     def on_connection_close(self) -> None:
+        self._mark_gone()
         if self.session is not None:
             self.session.client_closed()
 
@@ -175,6 +199,7 @@ class StreamingHandler(BaseHandler):
             request_id=self.request_id,
             log_fields=fields,
         )
+        self.session.disconnect = self.disconnect
         self.deps.slots.sessions.add(self.session)
         return self.session
 

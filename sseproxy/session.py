@@ -26,7 +26,7 @@ import contextlib
 import enum
 import time
 from collections import deque
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -74,10 +74,6 @@ def outcome_of(error: errors.SSEProxyError) -> Outcome:
 
 class ClientGone(Exception):
     """The client closed the connection (raised by a sink or a closed channel)."""
-
-
-class ClientStalled(ClientGone):
-    """The client stopped reading for ``stall.client_timeout_s``; it was disconnected."""
 
 
 class Sink(Protocol):
@@ -160,39 +156,84 @@ class Channel:
 class StallWatch:
     """One side of one stream: a wait that lasts ``threshold`` seconds is a stall episode.
 
-    ``begin()``/``end()`` bracket each wait (an upstream read, a client flush). The episode
-    is reported when the threshold passes during a wait, and its end when the wait ends
-    (or the stream does, through :meth:`end`).
+    ``begin()``/``end()`` bracket each wait (an upstream read, a client flush) and only
+    note the time: they run for every token, so they start no timer. :class:`StallMonitor`
+    sweeps the running sessions a few times per threshold and calls :meth:`check`. The
+    episode ends when the wait ends (or the stream does, through :meth:`end`).
     """
 
-    __slots__ = ("side", "threshold", "episodes", "stalled", "_session", "_timer", "_loop")
+    __slots__ = ("side", "threshold", "episodes", "stalled", "since", "_session", "_loop")
 
     def __init__(self, session: StreamSession, side: str, threshold: float) -> None:
         self.side = side
         self.threshold = threshold
         self.episodes = 0
         self.stalled = False
+        #: When the current wait began (loop time), None between waits.
+        self.since: float | None = None
         self._session = session
-        self._timer: asyncio.TimerHandle | None = None
         self._loop = asyncio.get_running_loop()
 
     def begin(self) -> None:
-        if self._timer is None:
-            self._timer = self._loop.call_later(self.threshold, self._stall)
+        if self.since is None:
+            self.since = self._loop.time()
 
     def end(self) -> None:
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.since = None
         if self.stalled:
             self.stalled = False
             self._session.stall_changed(self, False)
 
-    def _stall(self) -> None:
-        self._timer = None
-        self.stalled = True
-        self.episodes += 1
-        self._session.stall_changed(self, True)
+    def check(self, now: float) -> float:
+        """Start an episode if the current wait passed the threshold; return its length."""
+        if self.since is None:
+            return 0.0
+        waited = now - self.since
+        if waited >= self.threshold and not self.stalled:
+            self.stalled = True
+            self.episodes += 1
+            self._session.stall_changed(self, True)
+        return waited
+
+
+class StallMonitor:
+    """Sweeps the running sessions: stall episodes on both sides, and clients that have not
+    read for ``stall.client_timeout_s`` are disconnected. One timer per process, whatever
+    the number of streams; it runs every quarter of the shortest threshold (20 ms–250 ms).
+    """
+
+    def __init__(self, sessions: set[StreamSession], settings: Callable[[], Settings]) -> None:
+        self.sessions = sessions
+        self.settings = settings
+        self._loop = asyncio.get_running_loop()
+        self._timer: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        if self._timer is None:
+            self._schedule()
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _schedule(self) -> None:
+        stall = self.settings().stall
+        tick = min(max(min(stall.threshold_s, stall.client_timeout_s) / 4, 0.02), 0.25)
+        self._timer = self._loop.call_later(tick, self.sweep)
+
+    def sweep(self) -> None:
+        now = self._loop.time()
+        try:
+            for session in list(self.sessions):
+                try:
+                    session.upstream_watch.check(now)
+                    if session.client_watch.check(now) >= session.client_timeout_s:
+                        session.client_timed_out()
+                except Exception:  # one broken session must not stop the monitor
+                    log.exception("stall_monitor_error", stream_id=session.stream_id)
+        finally:
+            self._schedule()
 
 
 def _p99(values: list[float]) -> float | None:
@@ -243,6 +284,9 @@ class StreamSession:
         self.finish_reason: str | None = None
         self.usage: Mapping[str, Any] | None = None
         threshold = settings.stall.threshold_s
+        self.client_timeout_s = settings.stall.client_timeout_s
+        #: Called to drop a client that stopped reading (set by the handler).
+        self.disconnect: Callable[[], None] | None = None
         self.upstream_watch = StallWatch(self, "upstream", threshold)
         self.client_watch = StallWatch(self, "client", threshold)
         self._chat: ChatStream | None = None
@@ -329,12 +373,19 @@ class StreamSession:
         if self._open_error is not None:
             raise self._open_error
 
+    def _cancel_pump(self) -> None:
+        """Cancel the pump once: a second cancel would interrupt its clean-up (closing the
+        upstream response) half-way."""
+        task = self._pump_task
+        if task is not None and not task.done() and not task.cancelling():
+            task.cancel()
+
     async def stop(self) -> None:
         """Cancel the upstream request (if still running) and wait until it is closed."""
         task = self._pump_task
         if task is None or task.done():
             return
-        task.cancel()
+        self._cancel_pump()
         await asyncio.wait([task], timeout=PUMP_CLOSE_TIMEOUT_S)
 
     def shut_down(self) -> None:
@@ -343,9 +394,16 @@ class StreamSession:
         error = errors.ServerShutdown()
         if not self._accepted.is_set():
             self._open_error = error  # no headers yet: the OpenAI endpoint answers 503
-        if self._pump_task is not None:
-            self._pump_task.cancel()
+        self._cancel_pump()
         self.channel.put_nowait(Failed(error))
+
+    def client_timed_out(self) -> None:
+        """The client has not read for ``stall.client_timeout_s``: drop it (its buffers go
+        with the connection) and stop the upstream."""
+        self._finish(Outcome.CLIENT_STALLED)
+        if self.disconnect is not None:
+            self.disconnect()
+        self.client_closed()
 
     def client_closed(self) -> None:
         """The client went away: stop the upstream now and wake the writer."""
@@ -353,8 +411,7 @@ class StreamSession:
             self.outcome = Outcome.CLIENT_CLOSED
         self.channel.close()
         self._accepted.set()
-        if self._pump_task is not None:
-            self._pump_task.cancel()
+        self._cancel_pump()
 
     # --- the writer ------------------------------------------------------------
 
@@ -409,8 +466,6 @@ class StreamSession:
                     last_write = loop.time()
                 if done:
                     break
-        except ClientStalled:
-            self._finish(Outcome.CLIENT_STALLED)
         except ClientGone:
             self._finish(Outcome.CLIENT_CLOSED)
         finally:

@@ -97,6 +97,7 @@ async def running(
     finally:
         server.stop()
         await server.close_all_connections()
+        deps.monitor.stop()
         await deps.upstream.aclose()
         mock_server.stop()
         await mock_server.close_all_connections()
