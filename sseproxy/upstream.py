@@ -24,10 +24,12 @@ from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, cast
 
+import httpcore
 import httpx
 
 from . import errors
 from .config import Settings
+from .netbackend import AsyncioBackend
 from .sse import Decoder
 
 #: Upstream error bodies are read up to this size to find the OpenAI error object.
@@ -66,7 +68,18 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
         max_keepalive_connections=up.max_keepalive_connections,
         keepalive_expiry=up.keepalive_expiry_s,
     )
-    return httpx.AsyncClient(timeout=timeout, limits=limits, trust_env=False)
+    transport = httpx.AsyncHTTPTransport(limits=limits, trust_env=False)
+    # httpx builds its pool with httpcore's default (anyio) network backend; the same pool
+    # on plain asyncio streams costs a fraction per read (see sseproxy/netbackend.py).
+    # httpx offers no public way to pass a backend, so the pool is replaced as a whole.
+    transport._pool = httpcore.AsyncConnectionPool(
+        ssl_context=httpx.create_ssl_context(trust_env=False),
+        max_connections=limits.max_connections,
+        max_keepalive_connections=limits.max_keepalive_connections,
+        keepalive_expiry=limits.keepalive_expiry,
+        network_backend=AsyncioBackend(),
+    )
+    return httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
 
 
 def _retry_after(headers: httpx.Headers) -> str | None:
