@@ -27,6 +27,10 @@ from .upstream import Delta
 HEARTBEAT = sse.encode(comment="ping")
 
 
+#: A JSON string literal of a str, keeping non-ASCII text as it is (the C encoder).
+_json_string: Callable[[str], str] = json.encoder.encode_basestring
+
+
 def dumps(obj: Any) -> str:
     """Compact JSON that keeps non-ASCII text as it is (smaller frames for CJK and emoji)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
@@ -96,6 +100,7 @@ class OpenAIFrames:
         self.created = created
         self._model = model
         self.include_usage = include_usage
+        self._template: tuple[str, bytes, bytes] | None = None
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -109,11 +114,21 @@ class OpenAIFrames:
             chunk["usage"] = usage
         return b"data: " + dumps(chunk).encode() + b"\n\n"
 
+    def _content_frame(self, content: str) -> bytes:
+        """A text chunk: everything but the text is encoded once per stream (and again if
+        the model name changes, as when the upstream first reports it)."""
+        model = self._model()
+        template = self._template
+        if template is None or template[0] != model:
+            head, _, tail = self._chunk([{"index": 0, "delta": {"content": "\x00"},
+                                          "finish_reason": None}]).partition(b'"\\u0000"')
+            template = self._template = (model, head, tail)
+        return template[1] + _json_string(content).encode() + template[2]
+
     def delta(self, delta: Delta) -> bytes:
-        body: dict[str, Any] = {}
-        if delta.role is not None:
-            body["role"] = delta.role
-        body["content"] = delta.content
+        if delta.role is None:
+            return self._content_frame(delta.content)
+        body: dict[str, Any] = {"role": delta.role, "content": delta.content}
         return self._chunk([{"index": 0, "delta": body, "finish_reason": None}])
 
     def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes:

@@ -137,6 +137,10 @@ class StreamingHandler(BaseHandler):
         ]
         for name, value in STREAM_HEADERS.items():
             self.set_header(name, value)
+        if isinstance(self.request.connection, HTTP1Connection):
+            # Tornado turns Nagle off only when a response finishes; a stream's small
+            # frames would otherwise wait for the client's delayed ACK (up to 40 ms).
+            self.request.connection.stream.set_nodelay(True)
 
     async def send(self, data: bytes) -> None:
         """:class:`~sseproxy.session.Sink`: write and flush at once.
