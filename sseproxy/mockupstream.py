@@ -41,6 +41,13 @@ token, with ZWJ sequences, flags, skin tones, keycaps and combining marks;
 ``mixed`` runs of all three; ``echo`` the last user message, split into words
 (CJK: characters), repeated or cut to ``tokens``; ``seed`` (0) makes the text
 deterministic (a shorter reply is a prefix of a longer one with the same seed);
+``stamp`` (false) replaces each token's text with the moment it is written,
+``"<time.monotonic_ns()> "`` (digits and one space), taken just before the write
+that carries it (tokens that go out in one write share one stamp): a receiver on
+the same machine subtracts it from its own ``time.monotonic_ns()`` to measure
+one-way latency (CLOCK_MONOTONIC is shared by the processes of one machine), as
+``bench/loadgen.py`` does; the reply keeps its number of tokens, but its text is
+the stamps, and :func:`make_tokens` refuses such a scenario;
 ``burst`` (0) hold frames until at least this many bytes of content are held,
 then send them in one write (the rest goes out at the end);
 ``first_delay_s`` (0) pause between the 200 headers and the first chunk;
@@ -68,7 +75,7 @@ Process defaults come from the command line (``sseproxy mock-upstream --rate 50`
 A model without ``?`` (``gpt-4o-mini``) uses the defaults; the model is echoed in
 chunks exactly as sent. An unknown knob or a bad value is a 400 naming the knob
 and what it allows. :meth:`Scenario.to_model` builds such a string and
-:func:`make_tokens` returns the exact tokens a scenario will send.
+:func:`make_tokens` returns the exact tokens a scenario will send (unless it stamps them).
 
 Deliberate divergences from OpenAI: no ``system_fingerprint``, ``logprobs`` or
 ``refusal`` fields; ``n``, tools and every other parameter are ignored; usage
@@ -203,6 +210,9 @@ _KNOBS: Final[dict[str, _Knob]] = {
     "malformed_at": _Knob(
         int, _AT, "send a frame that is not JSON after this many tokens", _event_at),
     "seed": _Knob(int, "an integer", "seed of the generated text"),
+    "stamp": _Knob(
+        bool, "true or false (also 1/0, yes/no, on/off; a bare 'stamp' means true)",
+        "each token's text is the time it is written: '<time.monotonic_ns()> '"),
 }
 
 
@@ -227,6 +237,7 @@ class Scenario:
     no_done: bool = False
     malformed_at: int = -1
     seed: int = 0
+    stamp: bool = False
 
     def __post_init__(self) -> None:
         for f in fields(self):
@@ -452,8 +463,12 @@ def make_tokens(scenario: Scenario, prompt: str = "") -> list[str]:
     """The exact token texts the simulator sends for ``scenario``.
 
     ``prompt`` is the last user message's text; only ``text=echo`` uses it (an
-    empty prompt echoes as no tokens at all).
+    empty prompt echoes as no tokens at all). With ``stamp`` the texts are the
+    moments the tokens are written, unknown in advance: that is a ValueError (the
+    count is ``len(make_tokens(replace(scenario, stamp=False), prompt))``).
     """
+    if scenario.stamp:
+        raise ValueError("with stamp, the token texts are the times they are written")
     return list(_tokens_for(scenario, prompt).texts)
 
 
@@ -463,6 +478,15 @@ def make_tokens(scenario: Scenario, prompt: str = "") -> list[str]:
 _dumps: Final = functools.partial(json.dumps, ensure_ascii=False, separators=(",", ":"))
 _DONE: Final = b"data: [DONE]\n\n"
 _MALFORMED: Final = b"data: {not json\n\n"
+# Where a stamped token's JSON string goes until its write: a NUL byte, which JSON text
+# never holds raw (json.dumps escapes it), so a write replaces every one of them at once.
+_STAMP_SLOT: Final = b"\x00"
+
+
+def _stamp() -> bytes:
+    """A stamped token's content as a JSON string: the time now, then one space."""
+    return b'"%d "' % time.monotonic_ns()
+
 
 # status: (type, code, message), as OpenAI sends them; OpenAI's 5xx bodies have no code.
 _STATUS_ERRORS: Final[dict[int, tuple[str, str | None, str]]] = {
@@ -711,6 +735,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         self.stats = stats
         self.ids = ids
         self.gone = False  # the client closed the connection
+        self.stamping = False  # token contents are _STAMP_SLOT until written
         self.waiter: asyncio.Future[None] | None = None
 
     def on_connection_close(self) -> None:
@@ -779,13 +804,23 @@ class _ChatCompletionsHandler(_OpenAIHandler):
     async def _send(self, pending: list[bytes]) -> None:
         """Write what is pending in one chunk and flush it (raises StreamClosedError)."""
         if pending:
-            self.write(b"".join(pending))
+            data = b"".join(pending)
+            if self.stamping:
+                data = data.replace(_STAMP_SLOT, _stamp())  # the moment of the write
+            self.write(data)
             pending.clear()
-        await self.flush()
-        if self.gone:
-            # Tornado resolves a flush whose connection closed while it was being written;
-            # only the close notification tells.
+        flushed = self.flush()
+        if not flushed.done() and not self.gone:
+            # Tornado forgets a pending flush when the connection closes (and resolves one
+            # whose connection closed while it was written): the close notification tells.
+            closed = self.waiter = asyncio.get_running_loop().create_future()
+            try:
+                await asyncio.wait((flushed, closed), return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                self.waiter = None
+        if self.gone or not flushed.done():
             raise StreamClosedError()
+        flushed.result()
 
     def _drop(self) -> None:
         """Close the connection without ending the response."""
@@ -806,6 +841,8 @@ class _ChatCompletionsHandler(_OpenAIHandler):
 
         frames = _Frames(chunk_id, int(time.time()), request.model, request.include_usage)
         pending = [frames.role]
+        self.stamping = scenario.stamp
+        texts = (_STAMP_SLOT,) * len(tokens.json) if scenario.stamp else tokens.json
         burst = scenario.burst
         held = 0  # bytes of content held back while bursting
         count = len(tokens.texts)
@@ -829,7 +866,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
                         continue
                     upto = min(stop, due)
                 for i in range(sent, upto):
-                    pending.extend((frames.token_prefix, tokens.json[i], frames.token_suffix))
+                    pending.extend((frames.token_prefix, texts[i], frames.token_suffix))
                     if burst:
                         held += tokens.sizes[i]
                         if held >= burst:
@@ -894,6 +931,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             type_, code, message = _status_error(scenario, 500)
             self.send_json(500, _error_body(message, type_, code))
             return "errors"
+        content = f"{time.monotonic_ns()} " * count if scenario.stamp else tokens.content
         body = {
             "id": chunk_id,
             "object": "chat.completion",
@@ -901,7 +939,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             "model": request.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": tokens.content},
+                "message": {"role": "assistant", "content": content},
                 "finish_reason": "stop",
             }],
             "usage": _usage(request.prompt_tokens, count),

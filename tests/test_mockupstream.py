@@ -174,6 +174,7 @@ scenarios = st.builds(
     no_done=st.booleans(),
     malformed_at=st.integers(-1, 100),
     seed=st.integers(-(1 << 70), 1 << 70),
+    stamp=st.booleans(),
 )
 
 
@@ -563,6 +564,31 @@ async def test_stream_false_waits_for_the_generation_and_scripted_errors(io_loop
     assert failed.status_code == 500
     assert failed.json()["error"]["type"] == "server_error"
     assert failed.json()["error"]["code"] is None
+
+
+async def test_stamp_sends_the_moment_each_token_is_written(io_loop: Any) -> None:
+    # issue 6: the benchmark measures one-way latency from these stamps.
+    model = "mock?tokens=4&rate=20&stamp"  # serving() defaults to rate=0
+    scenario = Scenario(tokens=4, rate=20, stamp=True)
+    assert Scenario.parse(model) == scenario
+    with pytest.raises(ValueError, match="stamp"):
+        make_tokens(scenario)
+    async with serving() as client:
+        before = time.monotonic_ns()
+        async with client.stream("POST", "/v1/chat/completions",
+                                 json=chat(model, usage=True)) as response:
+            received = [(time.monotonic_ns(), contents(chunk))
+                        async for chunk in response.aiter_raw()]
+        whole = await client.post("/v1/chat/completions", json=chat(model, stream=False))
+    stamps = [(at, int(tok)) for at, toks in received for tok in toks]
+    assert all(re.fullmatch(r"\d+ ", tok) for _, toks in received for tok in toks)
+    assert len(stamps) == 4  # the number of tokens is kept
+    assert all(before <= stamp <= at for at, stamp in stamps)  # written, then received
+    # Taken at each write, not when the request came: token i is due at i / rate.
+    assert all(b[1] - a[1] >= 0.8 * 1e9 / 20 for a, b in zip(stamps, stamps[1:]))
+    text = whole.json()["choices"][0]["message"]["content"]
+    assert re.fullmatch(r"(\d+ ){4}", text)
+    assert whole.json()["usage"]["completion_tokens"] == 4
 
 
 # --- Stats and cancellation ------------------------------------------------------------------
