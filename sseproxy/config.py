@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib.util
 import math
 import os
 import tomllib
@@ -53,6 +54,9 @@ class ServerSettings:
     retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
     #: gzip for ordinary (non-stream) responses; streams are never compressed.
     compress_response: bool = True
+    #: ``auto`` runs on uvloop when it is installed (``pip install 'sseproxy[uvloop]'``:
+    #: ~10 % less CPU per event in the benchmark), else on asyncio's own loop.
+    event_loop: str = field(default="auto", metadata=_choice("auto", "asyncio", "uvloop"))
 
 
 @dataclass(frozen=True)
@@ -356,6 +360,9 @@ def _validate(settings: Settings) -> None:
             f"server.workers = {settings.server.workers}: several workers need metrics.port "
             "(worker i serves its own /metrics on metrics.port + i; on the shared port a "
             "scrape would reach one worker at random)")
+    if settings.server.event_loop == "uvloop" and importlib.util.find_spec("uvloop") is None:
+        raise ConfigError("server.event_loop = 'uvloop': uvloop is not installed; "
+                          "pip install 'sseproxy[uvloop]' or use 'auto'")
     url = settings.upstream_url
     if url and not url.startswith(("http://", "https://")):
         raise ConfigError(f"upstream.base_url = {up.base_url!r}: must start with http:// or "

@@ -24,7 +24,7 @@ import asyncio
 import os
 import signal
 import time
-from collections.abc import Mapping
+from collections.abc import Coroutine, Mapping
 from types import FrameType
 from typing import Any
 
@@ -44,8 +44,24 @@ def run(settings: Settings, overrides: Mapping[str, Any] | None = None) -> int:
     from .app import serve
 
     if settings.server.workers == 1:
-        return asyncio.run(serve(settings, overrides))
+        return run_loop(settings, serve(settings, overrides))
     return Master(settings, overrides).run()
+
+
+def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
+    """Run ``main`` on the event loop ``server.event_loop`` names."""
+    choice = settings.server.event_loop
+    if choice != "asyncio":
+        try:
+            import uvloop
+        except ImportError:
+            if choice == "uvloop":  # pragma: no cover - refused by config validation
+                raise
+        else:
+            log.info("event_loop", loop="uvloop")
+            return int(uvloop.run(main))
+    log.info("event_loop", loop="asyncio")
+    return asyncio.run(main)
 
 
 class Master:
@@ -95,8 +111,8 @@ class Master:
                 server = self.settings.server
                 sockets = tornado.netutil.bind_sockets(
                     server.port, server.host, backlog=4096, reuse_port=True)
-                code = asyncio.run(serve(self.settings, self.overrides, sockets=sockets,
-                                         worker=index))
+                code = run_loop(self.settings, serve(self.settings, self.overrides,
+                                                     sockets=sockets, worker=index))
             except BaseException:
                 log.exception("worker_failed", worker=index)
             finally:

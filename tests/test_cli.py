@@ -172,3 +172,16 @@ def test_metrics_on_a_separate_listener(tmp_path: Path) -> None:
     assert public.status_code == 404
     assert private.status_code == 200
     assert 'sseproxy_streams_total{outcome="completed"} 1.0' in private.text
+
+
+@pytest.mark.parametrize("loop", ["uvloop", "asyncio"])
+def test_serve_on_either_event_loop(tmp_path: Path, loop: str) -> None:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with process("serve", "--port", str(port), "--set", f"server.event_loop={loop}",
+                 url=base + "/healthz", log=log):
+        events = read_events(base + "/v1/chat/stream?prompt=hi")
+    assert events[-1].event == "done"
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    assert [x["loop"] for x in lines if x["event"] == "event_loop"] == [loop]

@@ -102,6 +102,7 @@ def test_environment_booleans(text: str, value: bool) -> None:
         ("[personas.x]\nsystem = 's'\nsytem = 't'", ["personas.x.sytem", "system"]),
         ("[server]\nport = [", ["not valid TOML"]),
         ("[pacing]\nunit = 'sentence'", ["pacing.unit", "'sentence'", "'grapheme'"]),
+        ("[server]\nevent_loop = 'trio'", ["server.event_loop", "'trio'", "'uvloop'"]),
         ("[pacing]\nmax_events_per_s = 0", ["pacing.max_events_per_s", "at least"]),
         ("[pacing]\ntarget_lag_s = 2\nmax_lag_s = 1", ["pacing.max_lag_s", "target_lag_s"]),
     ],
