@@ -54,9 +54,10 @@ class ServerSettings:
     retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
     #: gzip for ordinary (non-stream) responses; streams are never compressed.
     compress_response: bool = True
-    #: ``auto`` runs on uvloop when it is installed (``pip install 'sseproxy[uvloop]'``:
-    #: ~10 % less CPU per event in the benchmark), else on asyncio's own loop.
-    event_loop: str = field(default="auto", metadata=_choice("auto", "asyncio", "uvloop"))
+    #: ``asyncio`` (default), ``uvloop`` (``pip install 'sseproxy[uvloop]'``: ~10 % less CPU
+    #: per event, but p99 spikes under heavy load in one full benchmark run, so opt-in), or
+    #: ``auto``: uvloop when it is installed.
+    event_loop: str = field(default="asyncio", metadata=_choice("asyncio", "uvloop", "auto"))
 
 
 @dataclass(frozen=True)
