@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from .errors import ConfigError
-from .pacing import PacingSettings
+from .pacing import PacingSettings, check_field
 
 ENV_PREFIX = "SSEPROXY_"
 CONFIG_ENV = "SSEPROXY_CONFIG"
@@ -225,15 +225,10 @@ def _coerce(key: str, value: Any, typ: Any, from_text: bool) -> Any:
 
 
 def _check(key: str, value: Any, meta: Mapping[str, Any]) -> None:
-    choices = meta.get("choices")
-    if choices is not None and value not in choices:
-        allowed = ", ".join(repr(c) for c in choices)
-        raise ConfigError(f"{key} = {value!r}: must be one of {allowed}")
-    lo, hi = meta.get("min"), meta.get("max")
-    if lo is not None and value < lo:
-        raise ConfigError(f"{key} = {value!r}: must be at least {lo}")
-    if hi is not None and value > hi:
-        raise ConfigError(f"{key} = {value!r}: must be at most {hi}")
+    try:
+        check_field(key, value, meta)
+    except ValueError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _build_section(

@@ -111,7 +111,7 @@ from typing import Any
 # annotated where it is used.
 import regex  # type: ignore[import-untyped]
 
-__all__ = ["PacingSettings", "Piece", "Pacer", "segment"]
+__all__ = ["PacingSettings", "Piece", "Pacer", "check_field", "segment"]
 
 # --- settings ----------------------------------------------------------------------------
 
@@ -141,7 +141,7 @@ class PacingSettings:
 
     def __post_init__(self) -> None:
         for f in fields(self):
-            _check_field(f"pacing.{f.name}", getattr(self, f.name), f.metadata)
+            check_field(f"pacing.{f.name}", getattr(self, f.name), f.metadata)
         tick = 1.0 / self.max_events_per_s
         if self.max_lag_s < self.target_lag_s:
             raise ValueError(
@@ -160,7 +160,9 @@ class PacingSettings:
         return 1.0 / self.max_events_per_s
 
 
-def _check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+def check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    """Check ``value`` against a field's ``choices`` / ``min`` / ``max`` metadata (the
+    format of every settings section; :mod:`sseproxy.config` uses this too)."""
     choices = meta.get("choices")
     if choices is not None and value not in choices:
         allowed = ", ".join(repr(c) for c in choices)

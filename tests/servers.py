@@ -163,3 +163,19 @@ async def stream(
             except httpx.RemoteProtocolError:
                 got.complete = False
     return got
+
+
+@asynccontextmanager
+async def silent_client(r: Running, path: str = "/v1/chat/stream?prompt=hi"
+                        ) -> AsyncIterator[socket.socket]:
+    """A raw client with a tiny receive buffer that sends a GET and never reads."""
+    sock = socket.socket()
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        await loop.sock_connect(sock, ("127.0.0.1", int(r.url.rsplit(":", 1)[1])))
+        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        yield sock
+    finally:
+        sock.close()

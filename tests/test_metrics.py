@@ -10,7 +10,7 @@ from urllib.parse import quote
 import httpx
 import pytest
 from fakes import chunk, client, responder
-from servers import Running, running, stream
+from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
 
 from sseproxy import config, metrics
@@ -245,26 +245,18 @@ async def test_a_client_that_stops_reading_is_a_client_stall_then_dropped(io_loo
     flood = Scenario(rate=5000, tokens=100_000)
     async with running(flood, stall__threshold_s=0.5, stall__client_timeout_s=2.0,
                        sndbuf=8192) as r:
-        port = int(r.url.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
         with capture_logs() as logs:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            await loop.sock_sendall(sock, b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\n"
-                                          b"Host: x\r\n\r\n")
-            await r.wait_mock("open", 1, within=5)
-            for _ in range(100):  # the client side stalls once its buffers are full
-                if value(r, "sseproxy_streams_stalled", side="client") == 1:
-                    break
+            async with silent_client(r):
+                await r.wait_mock("open", 1, within=5)
+                for _ in range(100):  # the client side stalls once its buffers are full
+                    if value(r, "sseproxy_streams_stalled", side="client") == 1:
+                        break
+                    await asyncio.sleep(0.05)
+                during_client = value(r, "sseproxy_streams_stalled", side="client")
+                during_upstream = value(r, "sseproxy_streams_stalled", side="upstream")
+                await r.wait_mock("open", 0, within=20)
                 await asyncio.sleep(0.05)
-            during_client = value(r, "sseproxy_streams_stalled", side="client")
-            during_upstream = value(r, "sseproxy_streams_stalled", side="upstream")
-            await r.wait_mock("open", 0, within=20)
-            await asyncio.sleep(0.05)
         stats = await r.mock_stats()
-        sock.close()
         assert during_client == 1 and during_upstream == 0
         assert value(r, "sseproxy_streams_stalled", side="client") == 0
         assert value(r, "sseproxy_stalls_total", side="client") == 1

@@ -14,7 +14,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
-from servers import running, stream
+from servers import running, silent_client, stream
 from structlog.testing import capture_logs
 
 from sseproxy import app
@@ -197,22 +197,13 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
 ) -> None:
     flood = Scenario(rate=0, tokens=400_000, text="lorem")
     async with running(flood, stall__client_timeout_s=1.0, sndbuf=8192) as r:
-        port = int(r.url.rsplit(":", 1)[1])
-        sock = socket.socket()
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-        sock.setblocking(False)
-        loop = asyncio.get_running_loop()
         with capture_logs() as logs:
-            await loop.sock_connect(sock, ("127.0.0.1", port))
-            await loop.sock_sendall(sock, b"GET /v1/chat/stream?prompt=hi HTTP/1.1\r\n"
-                                          b"Host: x\r\n\r\n")
-            # never read: the server's flush stops completing
-            await r.wait_mock("open", 1, within=5)
-            await r.wait_mock("open", 0, within=20)
-            await asyncio.sleep(0.05)
+            async with silent_client(r):  # never reads: the server's flush stops completing
+                await r.wait_mock("open", 1, within=5)
+                await r.wait_mock("open", 0, within=20)
+                await asyncio.sleep(0.05)
         stats = await r.mock_stats()
         active = r.deps.slots.active
-        sock.close()
     assert stats["cancelled"] == 1 and stats["completed"] == 0
     assert active == 0
     assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_stalled"]
