@@ -42,6 +42,9 @@ class Frames(Protocol):
     def delta(self, delta: Delta) -> bytes:
         """The frame for one delta (``b""`` when it carries nothing this format shows)."""
 
+    def text(self, content: str) -> bytes:
+        """The frame for a piece of text (non-empty): ``delta(Delta(content))``, faster."""
+
     def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes: ...
 
     def error(self, error: SSEProxyError) -> bytes: ...
@@ -73,7 +76,12 @@ class EventSourceFrames:
     def delta(self, delta: Delta) -> bytes:
         if not delta.content:
             return b""
-        return sse.encode_message(dumps({"content": delta.content}), self._next_id())
+        return self.text(delta.content)
+
+    def text(self, content: str) -> bytes:
+        self.last_n += 1
+        return sse.encode_message('{"content":' + _json_string(content) + "}",
+                                  f"{self._prefix}{self.last_n}")
 
     def end(self, finish_reason: str, usage: Mapping[str, Any] | None) -> bytes:
         data = dumps({"finish_reason": finish_reason, "usage": usage})
@@ -124,6 +132,9 @@ class OpenAIFrames:
                                           "finish_reason": None}]).partition(b'"\\u0000"')
             template = self._template = (model, head, tail)
         return template[1] + _json_string(content).encode() + template[2]
+
+    def text(self, content: str) -> bytes:
+        return self._content_frame(content)
 
     def delta(self, delta: Delta) -> bytes:
         if delta.role is None:

@@ -253,9 +253,9 @@ def segment(text: str, unit: str) -> list[str]:
 # --- the pacer ---------------------------------------------------------------------------
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Piece:
-    """Text to send as one event."""
+    """Text to send as one event (read-only by convention; not frozen, see ``sse.Event``)."""
 
     text: str
     #: When it was due (loop time). Queued pieces are due at a tick or a plan time; the

@@ -22,7 +22,6 @@ closed at once. The session logs one canonical ``stream`` line at its end.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import enum
 import time
 from collections import deque
@@ -43,6 +42,8 @@ log = structlog.get_logger("sseproxy.stream")
 
 #: Items the pump may queue before it waits for the writer.
 CHANNEL_HIGH_WATER = 256
+#: A deadline timer that fires this close to its deadline counts as on time.
+_TIMER_SLACK_S = 0.001
 #: How long a cancelled pump gets to close the upstream response.
 PUMP_CLOSE_TIMEOUT_S = 2.0
 
@@ -98,58 +99,84 @@ Item = Delta | End | Failed
 class Channel:
     """A single-producer, single-consumer queue with a high-water mark and ``close()``.
 
-    ``get_batch`` returns every queued item at once (so frames due together go
-    out in one write), or ``None`` when ``timeout`` passes with nothing queued.
+    The producer (the upstream's byte callback) never waits: once the channel is
+    :attr:`full` it pauses the upstream, and ``on_space`` is called when the consumer has
+    taken the items. ``get_batch`` returns every queued item at once (so frames due
+    together go out in one write), or ``None`` when its deadline passes with nothing
+    queued. The deadline timer is kept and moved on lazily rather than made per wait.
     """
 
-    def __init__(self, high_water: int = CHANNEL_HIGH_WATER) -> None:
+    def __init__(self, high_water: int = CHANNEL_HIGH_WATER,
+                 on_space: Callable[[], None] | None = None) -> None:
         self._items: deque[Item] = deque()
         self._high_water = high_water
+        self._on_space = on_space
         self._loop = asyncio.get_running_loop()
         self._getter: asyncio.Future[None] | None = None
-        self._putter: asyncio.Future[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._deadline = 0.0
         self.closed = False
 
     def __len__(self) -> int:
         return len(self._items)
 
-    @staticmethod
-    def _wake(fut: asyncio.Future[None] | None) -> None:
+    @property
+    def full(self) -> bool:
+        return len(self._items) >= self._high_water
+
+    def _wake(self) -> None:
+        fut = self._getter
         if fut is not None and not fut.done():
             fut.set_result(None)
 
     def put_nowait(self, item: Item) -> None:
         self._items.append(item)
-        self._wake(self._getter)
-
-    async def put(self, item: Item) -> None:
-        self.put_nowait(item)
-        while len(self._items) >= self._high_water and not self.closed:
-            self._putter = self._loop.create_future()
-            await self._putter
+        if self._getter is not None:
+            self._wake()
 
     def close(self) -> None:
-        """Wake both sides; ``get_batch`` then raises :class:`ClientGone`."""
+        """Wake the consumer; ``get_batch`` then raises :class:`ClientGone`."""
         self.closed = True
-        self._wake(self._getter)
-        self._wake(self._putter)
+        self._wake()
+        self.cancel_timer()
 
-    async def get_batch(self, timeout: float) -> list[Item] | None:
+    def cancel_timer(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._getter is None:
+            return  # nobody waits: the next get_batch sets its own deadline
+        if self._loop.time() + _TIMER_SLACK_S >= self._deadline:
+            self._wake()
+        else:
+            self._timer = self._loop.call_at(self._deadline, self._on_timer)
+
+    async def get_batch(self, deadline: float) -> list[Item] | None:
+        """Every queued item, waiting until ``deadline`` (loop time) if there is none."""
         if not self._items and not self.closed:
+            self._deadline = deadline
+            timer = self._timer
+            if timer is None or timer.when() > deadline:
+                if timer is not None:
+                    timer.cancel()
+                self._timer = self._loop.call_at(deadline, self._on_timer)
             self._getter = fut = self._loop.create_future()
-            timer = self._loop.call_later(timeout, self._wake, fut)
             try:
                 await fut
             finally:
-                timer.cancel()
                 self._getter = None
         if self.closed:
             raise ClientGone
         if not self._items:
             return None
+        was_full = len(self._items) >= self._high_water
         items = list(self._items)
         self._items.clear()
-        self._wake(self._putter)
+        if was_full and self._on_space is not None:
+            self._on_space()
         return items
 
 
@@ -271,7 +298,7 @@ class StreamSession:
         self.endpoint = endpoint
         self.request_id = request_id
         self.log_fields = dict(log_fields or {})
-        self.channel = Channel()
+        self.channel = Channel(on_space=self._channel_has_space)
         self.started = time.monotonic()
         self.ttft_s: float | None = None
         self.events = 0
@@ -290,6 +317,8 @@ class StreamSession:
         self.upstream_watch = StallWatch(self, "upstream", threshold)
         self.client_watch = StallWatch(self, "client", threshold)
         self._chat: ChatStream | None = None
+        self._up_usage: Mapping[str, Any] | None = None
+        self._up_finish: str | None = None
         self._accepted = asyncio.Event()
         self._open_error: errors.SSEProxyError | None = None
         self._pump_task: asyncio.Task[None] | None = None
@@ -311,9 +340,23 @@ class StreamSession:
     def model(self) -> str | None:
         return self._chat.model if self._chat is not None else None
 
+    def _on_delta(self, delta: Delta) -> None:
+        """Called by the upstream stream for each delta, as its bytes arrive."""
+        if delta.usage is not None:
+            self._up_usage = delta.usage
+        if delta.finish_reason is not None:
+            self._up_finish = delta.finish_reason
+        if delta.content or delta.role:
+            channel = self.channel
+            channel.put_nowait(delta)
+            if channel.full and self._chat is not None:
+                self._chat.pause()  # a slow client slows the upstream read, not memory
+
+    def _channel_has_space(self) -> None:
+        if self._chat is not None:
+            self._chat.resume()
+
     async def _pump(self) -> None:
-        usage: Mapping[str, Any] | None = None
-        finish: str | None = None
         try:
             self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
             chat.waits = self.upstream_watch
@@ -323,16 +366,10 @@ class StreamSession:
                 self._count_upstream(chat.status, exc)
                 raise
             self._count_upstream(chat.status, None)
-            async with chat, contextlib.aclosing(chat.deltas()) as deltas:
+            async with chat:
                 self._accepted.set()
-                async for delta in deltas:
-                    if delta.usage is not None:
-                        usage = delta.usage
-                    if delta.finish_reason is not None:
-                        finish = delta.finish_reason
-                    if delta.content or delta.role:
-                        await self.channel.put(delta)
-            await self.channel.put(End(finish or "stop", usage))
+                await chat.run(self._on_delta)
+            self.channel.put_nowait(End(self._up_finish or "stop", self._up_usage))
         except errors.SSEProxyError as exc:
             self._fail(exc)
         except Exception:
@@ -433,7 +470,7 @@ class StreamSession:
                 due = pacer.next_due()
                 if due is not None and due < wake:
                     wake = due
-                items = await self.channel.get_batch(max(0.0, wake - loop.time()))
+                items = await self.channel.get_batch(wake)
                 now = loop.time()
                 parts: list[bytes] = []
                 for item in items or ():
@@ -447,7 +484,7 @@ class StreamSession:
                         end = item
                         pacer.finish(now)
                 for piece in pacer.pull(now):
-                    parts.append(frames.delta(Delta(piece.text)))
+                    parts.append(frames.text(piece.text))
                     self._first_text()
                     lag = max(0.0, now - piece.arrived)
                     self.lags.append(lag)
@@ -469,6 +506,7 @@ class StreamSession:
         except ClientGone:
             self._finish(Outcome.CLIENT_CLOSED)
         finally:
+            self.channel.cancel_timer()
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
             await self.stop()
@@ -492,10 +530,11 @@ class StreamSession:
         The caller writes the response and then calls :meth:`log_line`.
         """
         self.start()
+        loop = asyncio.get_running_loop()
         text: list[str] = []
         try:
             while True:
-                items = await self.channel.get_batch(self.heartbeat_s)
+                items = await self.channel.get_batch(loop.time() + self.heartbeat_s)
                 for item in items or ():
                     if isinstance(item, Delta):
                         if item.content:
@@ -513,6 +552,7 @@ class StreamSession:
             self._finish(Outcome.CLIENT_CLOSED)
             raise
         finally:
+            self.channel.cancel_timer()
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
             await self.stop()

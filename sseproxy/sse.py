@@ -39,9 +39,13 @@ _LINE_END: Final = re.compile(r"\r\n|\r|\n")
 _BOM: Final = "\ufeff"
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Event:
-    """One dispatched event, as an ``EventSource`` would hand it to a listener."""
+    """One dispatched event, as an ``EventSource`` would hand it to a listener.
+
+    Read-only by convention, not ``frozen``: one is made per upstream event, and a frozen
+    dataclass's ``__init__`` costs about three times as much.
+    """
 
     data: str
     #: The event type; ``"message"`` when no (or an empty) ``event`` field was given.

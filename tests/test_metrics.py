@@ -78,7 +78,8 @@ async def check_outcome(r: Running, logs: list[dict[str, Any]], outcome: str) ->
 
 
 async def test_outcome_completed_with_its_figures(io_loop: Any) -> None:
-    async with running(FAST) as r:
+    # tokens 20 ms apart: separate writes, so there are gaps to count
+    async with running(Scenario(tokens=5, rate=50)) as r:
         with capture_logs() as logs:
             got = await stream("GET", es_url(r.url))
         await check_outcome(r, logs, "completed")

@@ -131,16 +131,38 @@ async def test_collect_returns_the_whole_text(io_loop: Any) -> None:
     assert s.finish_reason == "stop" and s.outcome is Outcome.COMPLETED
 
 
-async def test_channel_batches_and_applies_backpressure(io_loop: Any) -> None:
-    ch = Channel(high_water=2)
+async def test_channel_batches_and_tells_when_it_has_space_again(io_loop: Any) -> None:
+    spaces: list[int] = []
+    ch = Channel(high_water=2, on_space=lambda: spaces.append(len(ch)))
+    loop = asyncio.get_running_loop()
     ch.put_nowait(Delta("a"))
-    put = asyncio.create_task(ch.put(Delta("b")))
-    await asyncio.sleep(0.01)
-    assert not put.done()  # at the high-water mark the producer waits
-    assert await ch.get_batch(1) == [Delta("a"), Delta("b")]
-    await asyncio.wait_for(put, 1)
-    assert await ch.get_batch(0.01) is None  # timeout: nothing queued
+    assert not ch.full
+    ch.put_nowait(Delta("b"))
+    assert ch.full  # the producer pauses its upstream here
+    assert await ch.get_batch(loop.time() + 1) == [Delta("a"), Delta("b")]
+    assert spaces == [0]
+    ch.put_nowait(Delta("c"))
+    assert await ch.get_batch(loop.time() + 1) == [Delta("c")]
+    assert spaces == [0]  # not full before: nobody to tell
+    assert await ch.get_batch(loop.time() + 0.01) is None  # deadline: nothing queued
     ch.put_nowait(End("stop", None))
     ch.close()
     with pytest.raises(ClientGone):
-        await ch.get_batch(1)
+        await ch.get_batch(loop.time() + 1)
+
+
+async def test_channel_deadline_moves_earlier_and_later(io_loop: Any) -> None:
+    ch = Channel()
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    assert await ch.get_batch(started + 0.3) is None
+    first = loop.time()
+    assert first - started >= 0.29
+    # A later deadline reuses the timer lazily; an earlier one must not wait for it.
+    assert await ch.get_batch(first + 0.05) is None
+    assert loop.time() - first < 0.25
+    waiter = asyncio.create_task(ch.get_batch(loop.time() + 5))
+    await asyncio.sleep(0.02)
+    ch.put_nowait(Delta("x"))
+    assert await asyncio.wait_for(waiter, 1) == [Delta("x")]
+    ch.close()

@@ -15,8 +15,10 @@ from sseproxy.upstream import Delta, UpstreamClient, make_http_client
 
 
 async def collect(up: UpstreamClient, body: dict[str, Any] | None = None) -> list[Delta]:
+    got: list[Delta] = []
     async with up.open(body or {"model": "m", "messages": []}) as stream:
-        return [d async for d in stream.deltas()]
+        await stream.run(got.append)
+    return got
 
 
 async def test_request_shape_and_deltas(io_loop: Any) -> None:
@@ -180,8 +182,7 @@ async def test_idle_timeout_between_frames(io_loop: Any) -> None:
     got: list[str] = []
     with pytest.raises(errors.IdleTimeout):
         async with up.open({"model": "m", "messages": []}) as s:
-            async for d in s.deltas():
-                got.append(d.content)
+            await s.run(lambda d: got.append(d.content))
     assert got == ["a"]
     assert stream.closed
 
@@ -193,8 +194,7 @@ async def test_cancelling_mid_stream_closes_the_response(io_loop: Any) -> None:
 
     async def consume() -> None:
         async with up.open({"model": "m", "messages": []}) as s:
-            async for _ in s.deltas():
-                first.set()
+            await s.run(lambda d: first.set())
 
     task = asyncio.create_task(consume())
     await asyncio.wait_for(first.wait(), 5)

@@ -1,0 +1,724 @@
+"""A lean HTTP/1.1 client transport for httpx, made for long streamed responses.
+
+``httpx.AsyncClient(transport=H1Transport(...))`` behaves as with httpx's default transport
+for what sseproxy asks of it (a request with a body, a status, headers, a body read as a
+stream, pooled keep-alive connections, TLS, httpx's exceptions), but reads on an
+:class:`asyncio.Protocol` of its own instead of httpcore and h11.
+
+Why: a streamed reply is thousands of small HTTP chunks, and under httpcore every one
+went through h11's state machine, several async generators and a read timeout scope,
+about half of the relay's CPU per token in a profile. Here a chunk is framed by a few
+``bytes.find`` calls in ``data_received``, and a body can be *pushed*:
+:meth:`Body.push` hands each piece of the body to a callback from the protocol itself, so
+no task wakes up per chunk. Pulling (``async for`` over the body, what httpx does) works
+too, for error bodies and for any other caller.
+
+Deliberately left out: HTTP/2, proxies, ``Expect: 100-continue`` (1xx answers are read
+past), and request bodies that are not in memory. A reused keep-alive connection that
+the server closed before answering is retried once on a new connection (nothing of the
+request was processed), as browsers and Go's client do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import socket
+import ssl
+import zlib
+from collections import deque
+from collections.abc import AsyncIterator, Callable
+from typing import Any, cast
+
+import httpx
+
+#: A response head larger than this is refused.
+MAX_HEAD_BYTES = 64 * 1024
+#: A chunk-size line (with extensions) or trailer line longer than this is refused.
+MAX_LINE_BYTES = 8 * 1024
+#: A pulled body pauses reading once this much is queued and unread.
+PULL_HIGH_WATER = 256 * 1024
+#: How long a released connection may finish reading a body before it is dropped.
+DRAIN_TIMEOUT_S = 1.0
+
+#: The receive buffer of every connection (see :class:`_Connection`).
+_RECEIVE_VIEW = memoryview(bytearray(64 * 1024))
+
+_HEAD_END = re.compile(rb"\r?\n\r?\n")
+_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+Origin = tuple[str, str, int]
+OnData = Callable[[bytes], None]
+OnEnd = Callable[[BaseException | None], None]
+
+
+class _Head:
+    __slots__ = ("status", "reason", "version", "headers", "framing", "length", "keep_alive")
+
+    def __init__(self, status: int, reason: bytes, version: bytes,
+                 headers: list[tuple[bytes, bytes]]) -> None:
+        self.status = status
+        self.reason = reason
+        self.version = version
+        self.headers = headers
+        self.framing = "close"
+        self.length = 0
+        self.keep_alive = version == b"HTTP/1.1"
+
+
+def parse_head(raw: bytes, method: bytes) -> _Head:
+    """Parse a response head (status line and headers, without the blank line)."""
+    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
+    parts = lines[0].split(b" ", 2)
+    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() \
+            or len(parts[1]) != 3:
+        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
+    head = _Head(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0], [])
+    for line in lines[1:]:
+        if line[:1] in (b" ", b"\t") and head.headers:  # obsolete line folding
+            name, value = head.headers[-1]
+            head.headers[-1] = (name, value + b" " + line.strip(b" \t"))
+            continue
+        name, sep, value = line.partition(b":")
+        if not sep or not name or name != name.strip(b" \t"):
+            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
+        head.headers.append((name, value.strip(b" \t")))
+    lengths: set[bytes] = set()
+    chunked = encoded = False
+    for name, value in head.headers:
+        key = name.lower()
+        if key == b"transfer-encoding":
+            encoded = True
+            chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+        elif key == b"content-length":
+            lengths.update(v.strip() for v in value.split(b","))
+        elif key == b"connection":
+            tokens = {t.strip().lower() for t in value.split(b",")}
+            if b"close" in tokens:
+                head.keep_alive = False
+            elif b"keep-alive" in tokens and head.version == b"HTTP/1.0":
+                head.keep_alive = True
+    if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
+        head.framing = "none"
+    elif encoded:
+        head.framing = "chunked" if chunked else "close"
+    elif lengths:
+        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
+            raise httpx.RemoteProtocolError("malformed Content-Length")
+        head.framing, head.length = "length", int(next(iter(lengths)))
+        if head.length == 0:
+            head.framing = "none"
+    if head.framing == "close":
+        head.keep_alive = False
+    return head
+
+
+class Body(httpx.AsyncByteStream):
+    """A response body: pull it (``async for``) or push it to a callback (:meth:`push`).
+
+    Pulled bytes are as the server sent them (httpx decodes ``Content-Encoding`` itself);
+    pushed bytes are decoded here (gzip and deflate).
+    """
+
+    def __init__(self, conn: _Connection, head: _Head) -> None:
+        self._conn = conn
+        self._head = head
+        self.complete = head.framing == "none"
+        self.error: BaseException | None = None
+        self._queue: deque[bytes] = deque()
+        self._queued = 0
+        self._waiter: asyncio.Future[None] | None = None
+        self._on_data: OnData | None = None
+        self._on_end: OnEnd | None = None
+        self._decoder: Any = None
+        self._closed = False
+        self._paused = False
+
+    # --- fed by the connection ---------------------------------------------------------
+
+    def _deliver(self, data: bytes) -> None:
+        if self._closed:
+            return  # released early: the connection only reads the rest to be reused
+        on_data = self._on_data
+        if on_data is None:
+            self._queue.append(data)
+            self._queued += len(data)
+            if self._queued >= PULL_HIGH_WATER:
+                self._conn.pause_reading()
+            self._wake()
+            return
+        if self._decoder is not None:
+            try:
+                data = self._decoder.decompress(data)
+            except zlib.error as exc:
+                self._refuse(httpx.DecodingError(f"cannot decode the body: {exc}"))
+                return
+            if not data:
+                return
+        try:
+            on_data(data)
+        except BaseException as exc:  # the consumer refused the data: end the body with it
+            self._refuse(exc)
+
+    def _refuse(self, error: BaseException) -> None:
+        """End the body with ``error`` from this side (even if the server had finished)."""
+        self.error = error
+        on_end, self._on_end = self._on_end, None
+        self._on_data = None
+        self._wake()
+        self._conn.close()
+        if on_end is not None:
+            on_end(error)
+
+    def _end(self, error: BaseException | None) -> None:
+        if self.complete or self.error is not None:
+            return
+        if error is None:
+            self.complete = True
+        else:
+            self.error = error
+        self._wake()
+        on_end, self._on_end = self._on_end, None
+        self._on_data = None
+        if on_end is not None:
+            on_end(error)
+
+    def _wake(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # --- the consumer's side -------------------------------------------------------------
+
+    def push(self, on_data: OnData, on_end: OnEnd) -> None:
+        """Call ``on_data`` with each piece of the (decoded) body as it arrives, then
+        ``on_end`` once with None (complete) or the error. An exception raised by
+        ``on_data`` ends the body with that exception. Bytes already queued go first."""
+        encoding = dict((k.lower(), v) for k, v in self._head.headers).get(
+            b"content-encoding", b"identity").strip().lower()
+        if encoding in (b"gzip", b"x-gzip"):
+            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
+        elif encoding == b"deflate":
+            self._decoder = zlib.decompressobj()
+        elif encoding not in (b"identity", b""):
+            self._on_end = on_end
+            self._refuse(httpx.DecodingError(f"unsupported Content-Encoding {encoding!r}"))
+            return
+        self._on_data, self._on_end = on_data, on_end
+        queued, self._queue = self._queue, deque()
+        self._queued = 0
+        for data in queued:
+            self._deliver(data)
+            if self.error is not None:  # the consumer refused a piece: that ended the body
+                break
+        if self.complete or self.error is not None:
+            ended, self._on_end = self._on_end, None  # None when the end was told already
+            self._on_data = None
+            if ended is not None:
+                ended(self.error)
+        elif not self._paused:
+            self._conn.resume_reading()
+
+    def pause(self) -> None:
+        """Stop reading from the socket (the server's window fills up) until :meth:`resume`."""
+        self._paused = True
+        self._conn.pause_reading()
+
+    def resume(self) -> None:
+        self._paused = False
+        self._conn.resume_reading()
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        loop = asyncio.get_running_loop()
+        while True:
+            while self._queue:
+                data = self._queue.popleft()
+                self._queued -= len(data)
+                if self._queued < PULL_HIGH_WATER // 2 and not self._paused:
+                    self._conn.resume_reading()
+                yield data
+            if self.error is not None:
+                raise self.error
+            if self.complete:
+                return
+            self._waiter = loop.create_future()
+            try:
+                await self._waiter
+            finally:
+                self._waiter = None
+
+    def drain(self) -> None:
+        """The consumer has all it wants (the stream said it is done): read the rest of the
+        body, usually only the final zero chunk, for up to ``DRAIN_TIMEOUT_S``, then give
+        the connection back to the pool."""
+        if not self._closed:
+            self._closed = True
+            self._on_data = self._on_end = None
+            self._conn.release(self, drain=True)
+
+    async def aclose(self) -> None:
+        """Release the connection: back to the pool when the body was read to its end,
+        closed otherwise (a reply not read to its end must stop being generated)."""
+        if not self._closed:
+            self._closed = True
+            self._on_data = self._on_end = None
+            self._conn.release(self, drain=False)
+
+
+class _Connection(asyncio.BufferedProtocol):
+    """One HTTP/1.1 connection: writes a request, parses the response head and frames the
+    body (``Content-Length``, chunked, or until close) into its :class:`Body`.
+
+    It reads into one receive buffer shared by every connection of the process (the loop
+    runs one read at a time and the bytes are copied out at once): asyncio's plain
+    ``Protocol`` would allocate a 256 KiB buffer for every read, which costs more than the
+    rest of the read path together.
+    """
+
+    def __init__(self, transport_: H1Transport, origin: Origin) -> None:
+        self.owner = transport_
+        self.origin = origin
+        self.transport: asyncio.Transport | None = None
+        self.lost = False
+        self.idle_since = 0.0
+        self.used = False
+        self._method = b"GET"
+        self._buf = bytearray()
+        self._head_waiter: asyncio.Future[_Head] | None = None
+        self._head: _Head | None = None
+        self.body: Body | None = None
+        self._drain_waiter: asyncio.Future[None] | None = None
+        self._write_paused = False
+        self._reading_paused = False
+        # body framing state
+        self._left = 0  # bytes left in the current chunk, or of a Content-Length body
+        self._state = 0  # chunked: 0 size line, 1 data, 2 CRLF after data, 3 trailers
+        self._line = b""
+        self._drain_timer: asyncio.TimerHandle | None = None
+        self._any_byte = False
+
+    # --- asyncio.Protocol ----------------------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # uvloop's transports do not subclass asyncio.Transport, but behave as one
+        self.transport = cast(asyncio.Transport, transport)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.owner._forget(self)
+        error: BaseException
+        if self._head_waiter is not None and not self._head_waiter.done():
+            error = httpx.RemoteProtocolError(
+                "the server closed the connection without sending a response")
+            error.__cause__ = exc
+            self._head_waiter.set_exception(error)
+        body = self.body
+        if body is not None and not body.complete and body.error is None:
+            if self._head is not None and self._head.framing == "close" and exc is None:
+                body._end(None)
+            else:
+                error = httpx.ReadError(
+                    "the server closed the connection before the body ended"
+                    if exc is None else f"the connection broke ({exc})")
+                error.__cause__ = exc
+                body._end(error)
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(httpx.WriteError("the connection closed while writing"))
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+
+    def get_buffer(self, sizehint: int) -> memoryview:
+        return _RECEIVE_VIEW
+
+    def buffer_updated(self, nbytes: int) -> None:
+        self.data_received(_RECEIVE_VIEW[:nbytes].tobytes())
+
+    def eof_received(self) -> bool | None:
+        return False  # close our side too; connection_lost sorts out what it means
+
+    def pause_writing(self) -> None:
+        self._write_paused = True
+
+    def resume_writing(self) -> None:
+        self._write_paused = False
+        waiter = self._drain_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def data_received(self, data: bytes) -> None:
+        self._any_byte = True
+        if self._head is None:
+            self._receive_head(data)
+            return
+        body = self.body
+        if body is None or body.complete or body.error is not None:
+            if data.strip():
+                self.abort(httpx.RemoteProtocolError("the server sent bytes after a response"))
+            return
+        head = self._head
+        if head.framing == "chunked":
+            self._receive_chunked(data, body)
+        elif head.framing == "length":
+            if len(data) >= self._left:
+                extra = data[self._left:]
+                data = data[:self._left]
+                self._left = 0
+                if data:
+                    body._deliver(data)
+                self._body_done(body)
+                if extra.strip():
+                    self.abort(httpx.RemoteProtocolError("the server sent more than its "
+                                                         "Content-Length"))
+            else:
+                self._left -= len(data)
+                body._deliver(data)
+        else:
+            body._deliver(data)
+
+    # --- the response --------------------------------------------------------------------
+
+    def _receive_head(self, data: bytes) -> None:
+        buf = self._buf
+        start = max(0, len(buf) - 3)
+        buf += data
+        while True:
+            match = _HEAD_END.search(buf, start)
+            if match is None:
+                if len(buf) > MAX_HEAD_BYTES:
+                    self.abort(httpx.RemoteProtocolError("the response head is too large"))
+                return
+            try:
+                head = parse_head(bytes(buf[:match.start()]), self._method)
+            except httpx.RemoteProtocolError as exc:
+                self.abort(exc)
+                return
+            rest = bytes(buf[match.end():])
+            buf.clear()
+            if 100 <= head.status < 200 and head.status != 101:
+                buf += rest  # an interim answer (100 Continue, 103 Early Hints): skip it
+                start = 0
+                continue
+            break
+        self._head = head
+        self.body = Body(self, head)
+        self._left = head.length
+        self._state = 0
+        self._line = b""
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(head)
+        if head.framing == "none":
+            self._body_done(self.body)
+        if rest:
+            self.data_received(rest)  # queued in the body until its consumer comes
+
+    def _receive_chunked(self, data: bytes, body: Body) -> None:
+        pos, end = 0, len(data)
+        pieces: list[bytes] = []
+        while pos < end:
+            if self._state == 1:
+                take = min(self._left, end - pos)
+                pieces.append(data if take == end and pos == 0 else data[pos:pos + take])
+                pos += take
+                self._left -= take
+                if self._left == 0:
+                    self._state = 2
+                continue
+            nl = data.find(b"\n", pos)
+            if nl < 0:
+                self._line += data[pos:]
+                if len(self._line) > MAX_LINE_BYTES:
+                    self.abort(httpx.RemoteProtocolError("a chunk line is too long"))
+                    return
+                break
+            line = data[pos:nl]
+            if self._line:
+                line, self._line = self._line + line, b""
+            pos = nl + 1
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if self._state == 0:
+                size = line.split(b";", 1)[0].strip(b" \t")
+                if _CHUNK_SIZE.fullmatch(size) is None:
+                    self.abort(httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}"))
+                    return
+                self._left = int(size, 16)
+                self._state = 1 if self._left else 3
+            elif self._state == 2:
+                if line:
+                    self.abort(httpx.RemoteProtocolError("a chunk did not end with CRLF"))
+                    return
+                self._state = 0
+            elif not line:  # state 3: the blank line after the trailers ends the body
+                if len(pieces) == 1:
+                    body._deliver(pieces[0])
+                elif pieces:
+                    body._deliver(b"".join(pieces))
+                self._body_done(body)
+                if data[pos:].strip():
+                    self.abort(httpx.RemoteProtocolError("the server sent bytes after a "
+                                                         "response"))
+                return
+        if len(pieces) == 1:
+            body._deliver(pieces[0])
+        elif pieces:
+            body._deliver(b"".join(pieces))
+
+    def _body_done(self, body: Body) -> None:
+        body._end(None)
+        if body._closed:  # released while still draining: back to the pool now
+            self._finish_release()
+
+    # --- used by the transport and the body ----------------------------------------------
+
+    async def request(self, method: bytes, head: bytes, content: bytes,
+                      write_timeout: float | None) -> None:
+        assert self.transport is not None
+        if self.lost or self.transport.is_closing():
+            raise httpx.RemoteProtocolError("the connection closed before the request")
+        self.used = True
+        self._method = method
+        self._head = None
+        self.body = None
+        self._any_byte = False
+        self._head_waiter = asyncio.get_running_loop().create_future()
+        self.transport.write(head + content if len(content) < 64 * 1024 else head)
+        if len(content) >= 64 * 1024:
+            self.transport.write(content)
+        if self._write_paused and not self.lost:
+            self._drain_waiter = asyncio.get_running_loop().create_future()
+            try:
+                async with asyncio.timeout(write_timeout):
+                    await self._drain_waiter
+            except TimeoutError as exc:
+                raise httpx.WriteTimeout("timed out sending the request") from exc
+            finally:
+                self._drain_waiter = None
+
+    async def response_head(self, read_timeout: float | None) -> _Head:
+        assert self._head_waiter is not None
+        try:
+            async with asyncio.timeout(read_timeout):
+                return await self._head_waiter
+        except TimeoutError as exc:
+            raise httpx.ReadTimeout("timed out waiting for the response") from exc
+
+    def pause_reading(self) -> None:
+        if not self._reading_paused and self.transport is not None and not self.lost:
+            self._reading_paused = True
+            self.transport.pause_reading()
+
+    def resume_reading(self) -> None:
+        if self._reading_paused and self.transport is not None and not self.lost:
+            self._reading_paused = False
+            self.transport.resume_reading()
+
+    def abort(self, error: BaseException) -> None:
+        """End the body (or the wait for the head) with ``error`` and drop the connection."""
+        waiter = self._head_waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_exception(error)
+        if self.body is not None:
+            self.body._end(error)
+        self.close()
+
+    def close(self) -> None:
+        if self.transport is not None and not self.lost:
+            self.transport.abort()  # no lingering FIN handshake with a broken server
+        self.lost = True
+        self.owner._forget(self)
+
+    def release(self, body: Body, drain: bool) -> None:
+        """The consumer is done with ``body``: reuse the connection if it can be."""
+        head = self._head
+        if self.lost or head is None or not head.keep_alive or body.error is not None:
+            self.close()
+        elif body.complete:
+            self._finish_release()
+        elif not drain:
+            self.close()
+        else:
+            # Often only the final zero chunk is still on its way: let it come, quietly.
+            body._on_data = None
+            self.resume_reading()
+            self._drain_timer = asyncio.get_running_loop().call_later(
+                DRAIN_TIMEOUT_S, self.close)
+
+    def _finish_release(self) -> None:
+        if self._drain_timer is not None:
+            self._drain_timer.cancel()
+            self._drain_timer = None
+        self.resume_reading()
+        self.owner._give_back(self)
+
+    def can_reuse(self) -> bool:
+        return not self.lost and self.transport is not None and not self.transport.is_closing()
+
+
+class H1Transport(httpx.AsyncBaseTransport):
+    """A pool of :class:`_Connection` per origin, within httpx's ``Limits``."""
+
+    def __init__(self, *, limits: httpx.Limits, ssl_context: ssl.SSLContext | None = None
+                 ) -> None:
+        self._max = limits.max_connections
+        self._max_idle = limits.max_keepalive_connections
+        self._expiry = limits.keepalive_expiry
+        self._ssl = ssl_context
+        self._idle: dict[Origin, list[_Connection]] = {}
+        self._open: set[_Connection] = set()
+        self._connecting = 0
+        self._slot_waiters: deque[asyncio.Future[None]] = deque()
+        self._closed = False
+
+    # --- the pool --------------------------------------------------------------------------
+
+    def _forget(self, conn: _Connection) -> None:
+        if conn in self._open:
+            self._open.discard(conn)
+            idle = self._idle.get(conn.origin)
+            if idle is not None and conn in idle:
+                idle.remove(conn)
+            self._wake_one()
+
+    def _give_back(self, conn: _Connection) -> None:
+        if self._closed or not conn.can_reuse():
+            conn.close()
+            return
+        idle = self._idle.setdefault(conn.origin, [])
+        if self._max_idle is not None and sum(map(len, self._idle.values())) >= self._max_idle:
+            conn.close()
+            return
+        conn.idle_since = asyncio.get_running_loop().time()
+        conn.body = None
+        idle.append(conn)
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)
+                return
+
+    def _take_idle(self, origin: Origin) -> _Connection | None:
+        idle = self._idle.get(origin)
+        now = asyncio.get_running_loop().time()
+        while idle:
+            conn = idle.pop()  # the most recently used: the least likely to be closed
+            if conn.can_reuse() and (self._expiry is None or now - conn.idle_since
+                                     < self._expiry):
+                return conn
+            conn.close()
+        return None
+
+    def _has_room(self) -> bool:
+        return self._max is None or len(self._open) + self._connecting < self._max
+
+    def _drop_an_idle(self) -> bool:
+        for idle in self._idle.values():
+            if idle:
+                idle.pop(0).close()
+                return True
+        return False
+
+    async def _acquire(self, origin: Origin, timeouts: dict[str, float | None],
+                       fresh: bool = False) -> _Connection:
+        loop = asyncio.get_running_loop()
+        pool_timeout = timeouts.get("pool")
+        deadline = None if pool_timeout is None else loop.time() + pool_timeout
+        while True:
+            conn = None if fresh else self._take_idle(origin)
+            if conn is not None:
+                return conn
+            if self._has_room() or self._drop_an_idle():
+                break
+            waiter = loop.create_future()
+            self._slot_waiters.append(waiter)
+            try:
+                async with asyncio.timeout_at(deadline):
+                    await waiter
+            except TimeoutError as exc:
+                raise httpx.PoolTimeout("no upstream connection became free in time") from exc
+            finally:
+                if not waiter.done():
+                    waiter.cancel()
+        self._connecting += 1
+        try:
+            return await self._connect(origin, timeouts.get("connect"))
+        finally:
+            self._connecting -= 1
+
+    async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        conn = _Connection(self, origin)
+        try:
+            async with asyncio.timeout(timeout):
+                if scheme == "https":
+                    context = self._ssl or ssl.create_default_context()
+                    await loop.create_connection(lambda: conn, host, port, ssl=context,
+                                                 server_hostname=host)
+                else:
+                    await loop.create_connection(lambda: conn, host, port)
+        except TimeoutError as exc:
+            raise httpx.ConnectTimeout(f"timed out connecting to {host}:{port}") from exc
+        except (OSError, ssl.SSLError) as exc:
+            raise httpx.ConnectError(f"cannot connect to {host}:{port}: {exc}") from exc
+        assert conn.transport is not None
+        sock = conn.transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self._open.add(conn)
+        return conn
+
+    # --- httpx ---------------------------------------------------------------------------
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if self._closed:
+            raise RuntimeError("the transport is closed")
+        url = request.url
+        scheme = url.scheme
+        if scheme not in _DEFAULT_PORTS:
+            raise httpx.UnsupportedProtocol(f"unsupported URL scheme {scheme!r}")
+        origin = (scheme, url.host, url.port or _DEFAULT_PORTS[scheme])
+        timeouts: dict[str, float | None] = request.extensions.get("timeout", {})
+        content = await request.aread()
+        method = request.method.encode("ascii")
+        target = url.raw_path or b"/"
+        lines = [method + b" " + target + b" HTTP/1.1"]
+        lines += [name + b": " + value for name, value in request.headers.raw]
+        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        fresh = False
+        while True:
+            conn = await self._acquire(origin, timeouts, fresh)
+            reused = conn.used
+            try:
+                await conn.request(method, head, content, timeouts.get("write"))
+                response_head = await conn.response_head(timeouts.get("read"))
+            except httpx.RemoteProtocolError:
+                conn.close()
+                if reused and not conn._any_byte and not fresh:
+                    fresh = True  # a stale keep-alive connection: once more, on a new one
+                    continue
+                raise
+            except BaseException:
+                conn.close()
+                raise
+            break
+        assert conn.body is not None
+        return httpx.Response(
+            response_head.status,
+            headers=response_head.headers,
+            stream=conn.body,
+            extensions={"http_version": response_head.version,
+                        "reason_phrase": response_head.reason,
+                        "sseproxy_body": conn.body},
+        )
+
+    async def aclose(self) -> None:
+        self._closed = True
+        for conn in list(self._open):
+            conn.close()
+        self._idle.clear()
