@@ -166,3 +166,33 @@ async def test_channel_deadline_moves_earlier_and_later(io_loop: Any) -> None:
     ch.put_nowait(Delta("x"))
     assert await asyncio.wait_for(waiter, 1) == [Delta("x")]
     ch.close()
+
+
+async def test_a_client_that_does_not_read_pauses_the_upstream_read(io_loop: Any) -> None:
+    # A flood into a client that never reads: the channel stops at its high-water mark
+    # and the upstream socket is paused, so memory stays bounded (issue 2, backpressure).
+    from servers import running, silent_client
+
+    from sseproxy.mockupstream import Scenario
+    from sseproxy.session import CHANNEL_HIGH_WATER
+
+    flood = Scenario(rate=5000, tokens=100_000)
+    async with running(flood, sndbuf=8192) as r:
+        async with silent_client(r):
+            await r.wait_mock("open", 1, within=5)
+            session = None
+            for _ in range(100):
+                sessions = list(r.deps.slots.sessions)
+                if sessions and sessions[0].channel.full:
+                    session = sessions[0]
+                    break
+                await asyncio.sleep(0.05)
+            assert session is not None, "the channel never filled up"
+            chat = session._chat
+            assert chat is not None and chat._paused
+            queued = len(session.channel)
+            await asyncio.sleep(0.5)
+            # past the mark by at most the rest of the read that crossed it (64 KiB of
+            # chunks, each over 64 bytes), and no longer growing
+            assert len(session.channel) == queued <= CHANNEL_HIGH_WATER + 65536 // 64
+            assert session.upstream_watch.since is None  # paused is not an upstream stall
