@@ -113,7 +113,8 @@ class UpstreamClient:
     ) -> None:
         self.settings = settings
         self.http = http
-        self.url = (base_url or settings.upstream_url).rstrip("/") + "/chat/completions"
+        # parsed once: httpx would parse a str URL again for every request
+        self.url = httpx.URL((base_url or settings.upstream_url).rstrip("/") + "/chat/completions")
         # identity: a compressed event stream arrives in bursts, whatever the server does
         self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
         if api_key:
