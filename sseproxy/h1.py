@@ -14,15 +14,19 @@ no task wakes up per chunk. Pulling (``async for`` over the body, what httpx doe
 too, for error bodies and for any other caller.
 
 Deliberately left out: HTTP/2, proxies, ``Expect: 100-continue`` (1xx answers are read
-past), and request bodies that are not in memory. A reused keep-alive connection that
-the server closed before answering is retried once on a new connection (nothing of the
-request was processed), as browsers and Go's client do.
+past), and request bodies that are not in memory. A request is sent again (once, on a
+new connection) only when a reused keep-alive connection turned out closed before any of
+it was written, or when it is replayable (an idempotent method, or an ``Idempotency-Key``
+header), as Go's client does: a POST the server may have read is never sent twice, which
+for a model could mean a second, billed generation.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
+import select
 import socket
 import ssl
 import zlib
@@ -47,6 +51,12 @@ _RECEIVE_VIEW = memoryview(bytearray(64 * 1024))
 _HEAD_END = re.compile(rb"\r?\n\r?\n")
 _CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
+_IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
+
+
+class _NotSent(httpx.RemoteProtocolError):
+    """The connection was closed before anything of the request was written."""
+
 
 Origin = tuple[str, str, int]
 OnData = Callable[[bytes], None]
@@ -99,10 +109,14 @@ def parse_head(raw: bytes, method: bytes) -> _Head:
                 head.keep_alive = False
             elif b"keep-alive" in tokens and head.version == b"HTTP/1.0":
                 head.keep_alive = True
+    if head.status == 101:
+        raise httpx.RemoteProtocolError("the server switched protocols, which was not asked")
     if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         head.framing = "none"
     elif encoded:
         head.framing = "chunked" if chunked else "close"
+        if lengths or head.version == b"HTTP/1.0":
+            head.keep_alive = False  # RFC 9112 6.1 and 6.3: framing in doubt, do not reuse
     elif lengths:
         if len(lengths) != 1 or not next(iter(lengths)).isdigit():
             raise httpx.RemoteProtocolError("malformed Content-Length")
@@ -174,6 +188,9 @@ class Body(httpx.AsyncByteStream):
     def _end(self, error: BaseException | None) -> None:
         if self.complete or self.error is not None:
             return
+        if error is None and self._decoder is not None and not self._decoder.eof:
+            error = httpx.DecodingError("the compressed body ended early")
+            self._conn.close()
         if error is None:
             self.complete = True
         else:
@@ -212,6 +229,10 @@ class Body(httpx.AsyncByteStream):
             self._deliver(data)
             if self.error is not None:  # the consumer refused a piece: that ended the body
                 break
+        if (self.complete and self.error is None and self._decoder is not None
+                and not self._decoder.eof):
+            self._refuse(httpx.DecodingError("the compressed body ended early"))
+            return
         if self.complete or self.error is not None:
             ended, self._on_end = self._on_end, None  # None when the end was told already
             self._on_data = None
@@ -221,13 +242,16 @@ class Body(httpx.AsyncByteStream):
             self._conn.resume_reading()
 
     def pause(self) -> None:
-        """Stop reading from the socket (the server's window fills up) until :meth:`resume`."""
-        self._paused = True
-        self._conn.pause_reading()
+        """Stop reading from the socket (the server's window fills up) until :meth:`resume`.
+        Once the body is released, its connection is no longer this body's to pause."""
+        if not self._closed:
+            self._paused = True
+            self._conn.pause_reading()
 
     def resume(self) -> None:
-        self._paused = False
-        self._conn.resume_reading()
+        if not self._closed:
+            self._paused = False
+            self._conn.resume_reading()
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
@@ -297,6 +321,7 @@ class _Connection(asyncio.BufferedProtocol):
         self._line = b""
         self._drain_timer: asyncio.TimerHandle | None = None
         self._any_byte = False
+        self._aborted = False
 
     # --- asyncio.Protocol ----------------------------------------------------------------
 
@@ -315,7 +340,8 @@ class _Connection(asyncio.BufferedProtocol):
             self._head_waiter.set_exception(error)
         body = self.body
         if body is not None and not body.complete and body.error is None:
-            if self._head is not None and self._head.framing == "close" and exc is None:
+            if (self._head is not None and self._head.framing == "close" and exc is None
+                    and not self._aborted):
                 body._end(None)
             else:
                 error = httpx.ReadError(
@@ -381,6 +407,10 @@ class _Connection(asyncio.BufferedProtocol):
 
     def _receive_head(self, data: bytes) -> None:
         buf = self._buf
+        if not buf:
+            data = data.lstrip(b"\r\n")  # empty lines before a status line are ignored
+            if not data:
+                return
         start = max(0, len(buf) - 3)
         buf += data
         while True:
@@ -396,7 +426,7 @@ class _Connection(asyncio.BufferedProtocol):
                 return
             rest = bytes(buf[match.end():])
             buf.clear()
-            if 100 <= head.status < 200 and head.status != 101:
+            if 100 <= head.status < 200:
                 buf += rest  # an interim answer (100 Continue, 103 Early Hints): skip it
                 start = 0
                 continue
@@ -477,7 +507,7 @@ class _Connection(asyncio.BufferedProtocol):
                       write_timeout: float | None) -> None:
         assert self.transport is not None
         if self.lost or self.transport.is_closing():
-            raise httpx.RemoteProtocolError("the connection closed before the request")
+            raise _NotSent("the connection closed before the request")
         self.used = True
         self._method = method
         self._head = None
@@ -526,6 +556,7 @@ class _Connection(asyncio.BufferedProtocol):
 
     def close(self) -> None:
         if self.transport is not None and not self.lost:
+            self._aborted = True  # a close-delimited body cut here did not end
             self.transport.abort()  # no lingering FIN handshake with a broken server
         self.lost = True
         self.owner._forget(self)
@@ -554,7 +585,18 @@ class _Connection(asyncio.BufferedProtocol):
         self.owner._give_back(self)
 
     def can_reuse(self) -> bool:
-        return not self.lost and self.transport is not None and not self.transport.is_closing()
+        """Still open, and nothing to read: an idle connection that is readable was closed
+        by the server (or it sent bytes nobody asked for). The close may have arrived
+        without the loop having run since, so the socket itself is asked (as httpcore
+        does): a POST written into a closing connection could not be sent again."""
+        if self.lost or self.transport is None or self.transport.is_closing():
+            return False
+        sock = self.transport.get_extra_info("socket")
+        if sock is None:
+            return True
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        return not poller.poll(0)
 
 
 class H1Transport(httpx.AsyncBaseTransport):
@@ -604,11 +646,15 @@ class H1Transport(httpx.AsyncBaseTransport):
 
     def _take_idle(self, origin: Origin) -> _Connection | None:
         idle = self._idle.get(origin)
-        now = asyncio.get_running_loop().time()
+        if not idle:
+            return None
+        if self._expiry is not None:
+            oldest = asyncio.get_running_loop().time() - self._expiry
+            for conn in [c for c in idle if c.idle_since <= oldest]:
+                conn.close()  # expired (the list is short: at most the keep-alive limit)
         while idle:
             conn = idle.pop()  # the most recently used: the least likely to be closed
-            if conn.can_reuse() and (self._expiry is None or now - conn.idle_since
-                                     < self._expiry):
+            if conn.can_reuse():
                 return conn
             conn.close()
         return None
@@ -639,16 +685,28 @@ class H1Transport(httpx.AsyncBaseTransport):
             try:
                 async with asyncio.timeout_at(deadline):
                     await waiter
-            except TimeoutError as exc:
-                raise httpx.PoolTimeout("no upstream connection became free in time") from exc
-            finally:
-                if not waiter.done():
+            except BaseException as exc:
+                if waiter.done() and not waiter.cancelled():
+                    self._wake_one()  # woken, but leaving: the slot goes to the next one
+                else:
                     waiter.cancel()
+                    with contextlib.suppress(ValueError):
+                        self._slot_waiters.remove(waiter)
+                if isinstance(exc, TimeoutError):
+                    raise httpx.PoolTimeout("no upstream connection became free in time"
+                                            ) from exc
+                raise
+            if self._closed:
+                raise RuntimeError("the transport is closed")
         self._connecting += 1
         try:
-            return await self._connect(origin, timeouts.get("connect"))
+            conn = await self._connect(origin, timeouts.get("connect"))
+        except BaseException:
+            self._wake_one()  # the slot this connect held is free again
+            raise
         finally:
             self._connecting -= 1
+        return conn
 
     async def _connect(self, origin: Origin, timeout: float | None) -> _Connection:
         scheme, host, port = origin
@@ -690,6 +748,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         lines = [method + b" " + target + b" HTTP/1.1"]
         lines += [name + b": " + value for name, value in request.headers.raw]
         head = b"\r\n".join(lines) + b"\r\n\r\n"
+        replayable = method in _IDEMPOTENT or "idempotency-key" in request.headers
         fresh = False
         while True:
             conn = await self._acquire(origin, timeouts, fresh)
@@ -697,9 +756,10 @@ class H1Transport(httpx.AsyncBaseTransport):
             try:
                 await conn.request(method, head, content, timeouts.get("write"))
                 response_head = await conn.response_head(timeouts.get("read"))
-            except httpx.RemoteProtocolError:
+            except httpx.RemoteProtocolError as exc:
                 conn.close()
-                if reused and not conn._any_byte and not fresh:
+                stale = reused and not conn._any_byte and not fresh
+                if stale and (isinstance(exc, _NotSent) or replayable):
                     fresh = True  # a stale keep-alive connection: once more, on a new one
                     continue
                 raise
@@ -722,3 +782,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         for conn in list(self._open):
             conn.close()
         self._idle.clear()
+        while self._slot_waiters:
+            waiter = self._slot_waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(None)  # it sees the transport closed

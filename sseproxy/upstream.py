@@ -164,6 +164,7 @@ class ChatStream:
         self._end: asyncio.Future[None] | None = None
         self._timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Future[None] | None = None
+        self._ended = False
 
     async def __aenter__(self) -> ChatStream:
         if self.status is None:
@@ -256,7 +257,10 @@ class ChatStream:
     def pause(self) -> None:
         """Stop reading the upstream (its TCP window fills up) until :meth:`resume`:
         backpressure from a slow client. A paused stream is not waiting on the upstream,
-        so neither its idle deadline nor its stall watch runs."""
+        so neither its idle deadline nor its stall watch runs. Both do nothing once the
+        reply has ended (its connection may already serve another stream)."""
+        if self._ended:
+            return
         if not self._paused:
             self._paused = True
             if self._body is not None:
@@ -265,6 +269,8 @@ class ChatStream:
                 self.waits.end()
 
     def resume(self) -> None:
+        if self._ended:
+            return
         if self._paused:
             self._paused = False
             self._last = self._loop.time()
@@ -305,6 +311,8 @@ class ChatStream:
                 f"the upstream connection broke mid-reply ({type(exc).__name__})"
             ) from exc
         finally:
+            self._ended = True
+            self._body = None
             await self.aclose()
         if not (self._done or self._finished):
             raise errors.IncompleteStream(
@@ -375,8 +383,15 @@ class ChatStream:
             if waits is not None and not self._paused:
                 waits.end()
                 waits.begin()
+            first = self._first
             if self._feed(data) and not end.done():
                 end.set_result(None)
+            elif first and not self._first:
+                # The first token came: the idle deadline may be earlier than the timer.
+                timer = self._timer
+                if timer is not None and timer.when() > self._deadline():
+                    timer.cancel()
+                    self._timer = loop.call_at(self._deadline(), self._on_deadline)
 
         def on_end(error: BaseException | None) -> None:
             if not end.done():

@@ -3,95 +3,19 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import gzip
 import shutil
 import ssl
 import subprocess
-from collections.abc import AsyncIterator, Awaitable, Callable
 from pathlib import Path
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import httpx
 import pytest
+from scripted import CHUNKED, OK_HEAD, Server, answer, chunked, serving
 
 from sseproxy import h1
-
-Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter], Awaitable[None]]
-OK_HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n"
-CHUNKED = OK_HEAD + b"Transfer-Encoding: chunked\r\n\r\n"
-
-
-def chunked(*parts: bytes) -> bytes:
-    return b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
-
-
-class Server:
-    """A loopback server that runs ``script`` for each connection and counts them."""
-
-    def __init__(self, script: Script) -> None:
-        self.script = script
-        self.connections = 0
-        self.requests: list[bytes] = []
-        self.closed = asyncio.Event()
-        self.port = 0
-        self.tasks: set[asyncio.Task[Any]] = set()
-        self.writers: list[asyncio.StreamWriter] = []
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        self.connections += 1
-        task = asyncio.current_task()
-        assert task is not None
-        self.tasks.add(task)
-        self.writers.append(writer)
-        try:
-            await self.script(reader, writer)
-        except (ConnectionError, asyncio.IncompleteReadError):
-            pass
-        finally:
-            writer.close()
-            self.closed.set()
-
-    async def read_request(self, reader: asyncio.StreamReader) -> bytes:
-        head = await reader.readuntil(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n"):
-            if line.lower().startswith(b"content-length:"):
-                length = int(line.split(b":")[1])
-        body = await reader.readexactly(length)
-        self.requests.append(head + body)
-        return head + body
-
-
-@contextlib.asynccontextmanager
-async def serving(script: Callable[[Server, asyncio.StreamReader, asyncio.StreamWriter],
-                                   Awaitable[None]],
-                  ssl_context: ssl.SSLContext | None = None) -> AsyncIterator[Server]:
-    server = Server(lambda r, w: script(server, r, w))
-    listener = await asyncio.start_server(server._handle, "127.0.0.1", 0, ssl=ssl_context)
-    server.port = listener.sockets[0].getsockname()[1]
-    try:
-        yield server
-    finally:
-        listener.close()
-        await listener.wait_closed()
-        for writer in server.writers:
-            writer.transport.abort()  # every script ends on its next read or write
-        if server.tasks:
-            await asyncio.wait(server.tasks, timeout=5)
-
-
-def answer(*responses: bytes) -> Callable[..., Awaitable[None]]:
-    """A script answering each request on a connection with the next response."""
-
-    async def script(server: Server, reader: asyncio.StreamReader,
-                     writer: asyncio.StreamWriter) -> None:
-        for response in responses:
-            await server.read_request(reader)
-            writer.write(response)
-            await writer.drain()
-        await reader.read()  # until the client closes
-    return script
 
 
 def client(**limits: Any) -> httpx.AsyncClient:
@@ -149,6 +73,7 @@ async def test_a_chunked_body_split_anywhere_arrives_whole(io_loop: Any, step: i
     (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
      b"3;ext=1\r\nabc\r\n0\r\nX-Trailer: t\r\n\r\n", b"abc"),
     (b"HTTP/1.1 200 OK\nContent-Length: 2\nX-Folded: a\n b\n\nok", b"ok"),
+    (b"\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", b"ok"),
 ])
 async def test_bodies_by_length_none_interim_trailers_and_bare_lf(
     io_loop: Any, response: bytes, expected: bytes,
@@ -183,6 +108,7 @@ async def test_a_body_that_ends_with_the_connection(io_loop: Any) -> None:
     (b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n", "malformed header line"),
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "Content-Length"),
     (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (h1.MAX_HEAD_BYTES + 10), "too large"),
+    (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", "switched protocols"),
 ])
 async def test_a_broken_head_is_a_protocol_error(io_loop: Any, response: bytes,
                                                  needle: str) -> None:
@@ -358,26 +284,81 @@ async def test_drain_reads_the_last_chunk_and_keeps_the_connection(io_loop: Any)
 # --- the pool -------------------------------------------------------------------------------
 
 
-async def test_a_stale_keep_alive_connection_is_retried_once_on_a_new_one(io_loop: Any) -> None:
-    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+def drop_the_second_request(ok: bytes) -> Callable[..., Awaitable[None]]:
+    """The first connection answers one request, then reads the next and closes unanswered."""
 
     async def script(server: Server, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
         await server.read_request(reader)
-        if server.connections == 1:
-            writer.write(ok)
-            await writer.drain()
-            await server.read_request(reader)  # the next request: dropped unanswered
-            return
         writer.write(ok)
         await writer.drain()
+        if server.connections == 1:
+            await server.read_request(reader)  # read, maybe processed: then the line drops
+            return
         await reader.read()
+    return script
 
-    async with serving(script) as server, client() as http:
+
+OK2 = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+
+
+async def test_a_post_the_server_may_have_read_is_never_sent_twice(io_loop: Any) -> None:
+    # Sending it again could start (and bill) a second generation upstream.
+    async with serving(drop_the_second_request(OK2)) as server, client() as http:
         url = f"http://127.0.0.1:{server.port}/"
         assert (await http.post(url, content=b"1")).content == b"ok"
-        assert (await http.post(url, content=b"2")).content == b"ok"
+        with pytest.raises(httpx.RemoteProtocolError, match="without sending a response"):
+            await http.post(url, content=b"2")
+        assert len(server.requests) == 2 and server.connections == 1
+
+
+@pytest.mark.parametrize("method, headers", [("GET", {}), ("PUT", {}),
+                                             ("POST", {"Idempotency-Key": "k1"})])
+async def test_a_replayable_request_is_retried_once_on_a_new_connection(
+    io_loop: Any, method: str, headers: dict[str, str],
+) -> None:
+    async with serving(drop_the_second_request(OK2)) as server, client() as http:
+        url = f"http://127.0.0.1:{server.port}/"
+        assert (await http.request(method, url, headers=headers)).content == b"ok"
+        assert (await http.request(method, url, headers=headers)).content == b"ok"
         assert server.connections == 2 and len(server.requests) == 3
+
+
+async def test_an_idle_connection_the_server_closed_is_not_reused(io_loop: Any) -> None:
+    # The server (a thread, so it needs no turn of this loop) closes the kept-alive
+    # connection after its answer; the close reaches the client's socket while its loop is
+    # busy. The pool asks the socket before reusing it, so the POST goes on a new
+    # connection instead of into the closed one (where it could not be sent again).
+    import socket
+    import threading
+    import time
+
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    requests: list[bytes] = []
+
+    def serve() -> None:
+        for _ in range(2):
+            conn, _addr = listener.accept()
+            with conn:
+                data = b""
+                while not data.endswith(b"1") and not data.endswith(b"2"):
+                    data += conn.recv(65536)
+                requests.append(data)
+                conn.sendall(OK2)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        async with client() as http:
+            url = f"http://127.0.0.1:{port}/"
+            assert (await http.post(url, content=b"1")).content == b"ok"
+            time.sleep(0.2)  # the server closes; this loop does not run meanwhile
+            assert (await http.post(url, content=b"2")).content == b"ok"
+    finally:
+        listener.close()
+        thread.join(5)
+    assert len(requests) == 2
 
 
 async def test_a_fresh_connection_that_closes_unanswered_is_an_error(io_loop: Any) -> None:
@@ -448,3 +429,118 @@ async def test_https_with_the_servers_certificate_checked(io_loop: Any, tmp_path
         async with httpx.AsyncClient(transport=h1.H1Transport(limits=httpx.Limits())) as http:
             with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
                 await http.get(url)
+
+
+async def test_a_failed_connect_hands_its_slot_to_the_next_waiter(io_loop: Any,
+                                                                  tmp_path: Path) -> None:
+    # The server takes the TCP connection but never does the TLS handshake: each connect
+    # times out. With one slot, the waiting request must get the slot when the first
+    # connect gives up (and time out connecting too), not wait out the pool timeout.
+    async def silent(server: Server, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with serving(silent) as server:
+        http = httpx.AsyncClient(
+            transport=h1.H1Transport(limits=httpx.Limits(max_connections=1)),
+            timeout=httpx.Timeout(5.0, connect=0.3, pool=5.0))
+        async with http:
+            loop = asyncio.get_running_loop()
+            started = loop.time()
+            url = f"https://127.0.0.1:{server.port}/"
+            results = await asyncio.gather(http.get(url), http.get(url),
+                                           return_exceptions=True)
+            assert [type(r) for r in results] == [httpx.ConnectTimeout] * 2
+            assert loop.time() - started < 3.0
+
+
+async def test_a_woken_waiter_that_leaves_passes_the_slot_on(io_loop: Any) -> None:
+    release = asyncio.Event()
+
+    async def script(server: Server, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        while True:
+            await server.read_request(reader)
+            writer.write(CHUNKED + b"2\r\nhi\r\n")
+            await writer.drain()
+            await release.wait()
+            writer.write(b"0\r\n\r\n")
+            await writer.drain()
+
+    async with serving(script) as server:
+        http = httpx.AsyncClient(
+            transport=h1.H1Transport(limits=httpx.Limits(max_connections=1)),
+            timeout=httpx.Timeout(5.0, pool=3.0))
+        url = f"http://127.0.0.1:{server.port}/"
+        async with http:
+            first = await http.send(http.build_request("GET", url), stream=True)
+            leaving = asyncio.create_task(http.get(url))
+            staying = asyncio.create_task(http.get(url))
+            await asyncio.sleep(0.05)
+            release.set()
+            await first.aread()
+            await first.aclose()  # wakes `leaving`, which is cancelled before it runs
+            leaving.cancel()
+            response = await asyncio.wait_for(staying, 2.0)
+            assert response.content == b"hi"
+        assert server.connections == 1
+
+
+async def test_a_close_delimited_body_cut_by_closing_the_client_is_an_error(
+    io_loop: Any,
+) -> None:
+    async def script(server: Server, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\npart1-")
+        await writer.drain()
+        await reader.read()
+
+    async with serving(script) as server:
+        http = client()
+        async with http.stream("GET", f"http://127.0.0.1:{server.port}/") as response:
+            parts = response.aiter_raw()
+            assert await anext(parts) == b"part1-"
+            await http.aclose()
+            with pytest.raises(httpx.ReadError):
+                await anext(parts)
+
+
+async def test_framing_in_doubt_is_not_kept_alive(io_loop: Any) -> None:
+    both = (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nContent-Length: 99\r\n\r\n"
+            + chunked(b"ok"))
+    async with serving(answer(both, both)) as server, client() as http:
+        url = f"http://127.0.0.1:{server.port}/"
+        for _ in range(2):
+            assert (await http.get(url)).content == b"ok"  # chunked wins (RFC 9112 6.3)
+        assert server.connections == 2
+
+
+async def test_a_truncated_gzip_body_is_a_decoding_error(io_loop: Any) -> None:
+    packed = gzip.compress(b"data: zipped\n\n" * 20)
+    response = (OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
+                + chunked(packed[:-6]))
+    async with serving(answer(response)) as server, client() as http:
+        async with http.stream("GET", f"http://127.0.0.1:{server.port}/") as streamed:
+            pieces, error = await pushed(streamed)
+        assert isinstance(error, httpx.DecodingError)
+
+
+async def test_a_released_body_no_longer_pauses_its_connection(io_loop: Any) -> None:
+    # The connection may already serve another request: pause/resume are this body's only.
+    response = CHUNKED + chunked(b"a")
+    async with serving(answer(response, response)) as server, client() as http:
+        url = f"http://127.0.0.1:{server.port}/"
+        async with http.stream("GET", url) as first:
+            body = first.extensions["sseproxy_body"]
+            await pushed(first)
+        async with http.stream("GET", url) as second:
+            other = second.extensions["sseproxy_body"]
+            assert other._conn is body._conn  # the same kept-alive connection
+            other.pause()
+            body.resume()
+            assert other._conn._reading_paused
+            other.resume()
+            body.pause()
+            assert not other._conn._reading_paused
+            await pushed(second)

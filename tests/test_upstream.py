@@ -9,6 +9,7 @@ from typing import Any
 import httpx
 import pytest
 from fakes import GOOD, SSE, URL, Body, chunk, client, responder
+from scripted import CHUNKED, Server, answer, chunked, serving
 
 from sseproxy import config, errors
 from sseproxy.upstream import Delta, UpstreamClient, make_http_client
@@ -228,3 +229,64 @@ async def test_a_role_chunk_does_not_end_the_first_token_deadline(io_loop: Any) 
                                   chunk(finish="stop"), b"data: [DONE]\n\n"])
     deltas = await collect(client(handler, first_token_timeout_s=5, idle_timeout_s=0.1))
     assert [d.content for d in deltas] == ["", "late", ""]
+
+
+# --- on sseproxy's own transport (bytes pushed from a scripted server on loopback) -------
+
+
+def loopback_client(port: int, **upstream: Any) -> UpstreamClient:
+    settings = config.Settings(upstream=config.UpstreamSettings(
+        kind="openai", base_url=f"http://127.0.0.1:{port}/v1", **upstream))
+    return UpstreamClient(settings, make_http_client(settings))
+
+
+async def test_the_idle_deadline_starts_at_the_first_token_not_the_first_token_budget(
+    io_loop: Any,
+) -> None:
+    # A generous first-token budget (thinking models) must not delay the idle timeout once
+    # tokens flow: one token, then silence, is an idle timeout after idle_timeout_s.
+    async def script(server: Server, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await server.read_request(reader)
+        writer.write(CHUNKED + b"%x\r\n%s\r\n" % (len(GOOD[1]), GOOD[1]))
+        await writer.drain()
+        await reader.read()
+
+    async with serving(script) as server:
+        up = loopback_client(server.port, first_token_timeout_s=5, idle_timeout_s=0.2)
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        got: list[str] = []
+        with pytest.raises(errors.IdleTimeout):
+            async with up.open({"model": "m", "messages": []}) as s:
+                await s.run(lambda d: got.append(d.content))
+        assert got == ["Hel"]
+        assert loop.time() - started < 2.0
+        await up.aclose()
+
+
+class Watch:
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def begin(self) -> None:
+        self.calls.append("begin")
+
+    def end(self) -> None:
+        self.calls.append("end")
+
+
+async def test_pause_and_resume_do_nothing_once_the_reply_ended(io_loop: Any) -> None:
+    # A reply can fill the channel (pause) and end in one read; resuming later must not
+    # touch the connection (another stream may own it now) nor start an upstream wait.
+    async with serving(answer(CHUNKED + chunked(*GOOD))) as server:
+        up = loopback_client(server.port)
+        watch = Watch()
+        async with up.open({"model": "m", "messages": []}) as s:
+            s.waits = watch
+            await s.run(lambda d: s.pause())
+        calls = len(watch.calls)
+        s.resume()
+        s.pause()
+        assert watch.calls[calls:] == [] and watch.calls[-1] == "end"
+        await up.aclose()
