@@ -14,12 +14,13 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import structlog
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from . import __version__, errors, validate
 from .config import Settings
@@ -148,10 +149,37 @@ class StreamingHandler(BaseHandler):
         A flush that does not complete within ``stall.client_timeout_s`` means the client
         (or a proxy in between) stopped reading: the session's monitor then drops the
         client (:meth:`disconnect`), which frees its buffers and ends the stream.
+
+        Once the headers are out, a frame goes straight to the socket when nothing is
+        queued before it; only what the kernel does not take at once goes through
+        Tornado's write buffer (which keeps the order: the direct send is tried only when
+        that buffer is empty).
         """
+        if not self._raw_known and self._headers_written:
+            self._raw, self._raw_known = self._raw_stream(), True
+        raw = self._raw
+        if raw is not None:
+            if self._closed or raw.closed():
+                raise ClientGone
+            if not raw.writing():
+                frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+                try:
+                    sent = raw.socket.send(frame)
+                except BlockingIOError:
+                    sent = 0
+                except OSError as exc:
+                    raw.close(exc_info=exc)  # tells the handler (on_connection_close)
+                    raise ClientGone from None
+                if sent < len(frame):
+                    rest = memoryview(frame)[sent:]
+                    await self._wait_written(lambda: raw.write(rest))
+                return
         self.write(data)
+        await self._wait_written(self.flush)
+
+    async def _wait_written(self, start: Callable[[], asyncio.Future[None]]) -> None:
         try:
-            flushed = self.flush()
+            flushed = start()
             if not flushed.done():
                 # Tornado forgets a pending flush when the connection closes, so wait for
                 # the close notification too.
@@ -170,6 +198,19 @@ class StreamingHandler(BaseHandler):
 
     _closed = False
     _gone: asyncio.Future[None] | None = None
+    #: The plain TCP stream that frames go to directly once the headers are out (``None``
+    #: when there is none, e.g. under TLS: then every frame goes through Tornado).
+    _raw: IOStream | None = None
+    _raw_known = False
+    _chunked = False
+
+    def _raw_stream(self) -> IOStream | None:
+        conn = self.request.connection
+        if not isinstance(conn, HTTP1Connection) or type(conn.stream) is not IOStream:
+            return None
+        # HTTP1Connection.write_headers records its framing in the headers it wrote.
+        self._chunked = self._headers.get("Transfer-Encoding") == "chunked"
+        return conn.stream
 
     def _mark_gone(self) -> None:
         self._closed = True

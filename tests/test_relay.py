@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import json
 import socket
+import struct
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ import pytest
 from servers import running, silent_client, stream
 from structlog.testing import capture_logs
 
-from sseproxy import app
+from sseproxy import app, sse
 from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
@@ -362,6 +363,90 @@ async def test_reconnect_with_last_event_id_is_204_and_starts_nothing(io_loop: A
     assert again.status_code == 204 and by_query.status_code == 204
     assert again.content == b""
     assert stats["requests"] == 1
+
+
+# --- frames reach the socket whole and in order ------------------------------------------
+# Once the headers are out, a frame is sent on the socket directly; what the kernel does not
+# take goes through Tornado's write buffer, and the next frame waits behind it.
+
+
+def dechunk(body: bytes) -> tuple[bytes, bool]:
+    """The payload of a chunked body, and whether its last chunk was there."""
+    out, at = bytearray(), 0
+    while True:
+        line_end = body.index(b"\r\n", at)
+        size = int(body[at:line_end], 16)
+        if size == 0:
+            return bytes(out), True
+        start = line_end + 2
+        out += body[start:start + size]
+        assert body[start + size:start + size + 2] == b"\r\n"
+        at = start + size + 2
+
+
+async def test_a_reader_that_lags_gets_every_frame_whole_and_in_order(io_loop: Any) -> None:
+    # ~1.2 MB of events through an 8 KiB send buffer to a client with a 4 KiB receive buffer
+    # that reads nothing for half a second: the server's direct sends fill the socket, the
+    # rest waits in the write buffer, and later frames queue behind it.
+    flood = Scenario(rate=0, tokens=20_000)
+    async with running(flood, sndbuf=8192) as r:
+        async with silent_client(r) as sock:
+            await asyncio.sleep(0.5)
+            assert r.deps.slots.active == 1  # still sending: the client holds it back
+            loop = asyncio.get_running_loop()
+            raw = bytearray()
+            while not raw.endswith(b"\r\n0\r\n\r\n"):
+                data = await asyncio.wait_for(loop.sock_recv(sock, 65536), 10)
+                assert data, "the server closed before the last chunk"
+                raw += data
+    head, _, body = bytes(raw).partition(b"\r\n\r\n")
+    assert head.startswith(b"HTTP/1.1 200") and b"transfer-encoding: chunked" in head.lower()
+    payload, ended = dechunk(body)
+    assert ended and len(payload) > 1_000_000
+    events = sse.Decoder().feed(payload)
+    assert events[-1].event == "done"
+    text = [e for e in events if e.event == "message"]
+    assert "".join(json.loads(e.data)["content"] for e in text) == "".join(make_tokens(flood))
+    seq = [int(e.id.rsplit(".", 1)[1]) for e in text]
+    assert seq == list(range(seq[0], seq[0] + len(seq)))  # every event, once, in order
+
+
+async def test_an_http_1_0_client_gets_a_close_delimited_stream(io_loop: Any) -> None:
+    # No chunked framing for HTTP/1.0: the body is the events, ended by closing the socket.
+    async with running(FAST) as r:
+        reader, writer = await asyncio.open_connection("127.0.0.1", int(r.url.rsplit(":")[-1]))
+        try:
+            writer.write(b"GET /v1/chat/stream?prompt=hi HTTP/1.0\r\n\r\n")
+            raw = await asyncio.wait_for(reader.read(-1), 10)  # until the server closes
+        finally:
+            writer.close()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"200"
+    assert b"chunked" not in head.lower()
+    assert b"\r\n" not in body  # frames end in \n: no chunk framing crept in
+    events = sse.Decoder().feed(body)
+    assert events[-1].event == "done"
+    assert "".join(json.loads(e.data)["content"] for e in events
+                   if e.event == "message") == "".join(make_tokens(FAST))
+
+
+async def test_a_client_that_resets_mid_stream_ends_it_as_client_closed(io_loop: Any) -> None:
+    # A reset (not a clean close) while frames are being sent: the next send fails, the
+    # stream ends as client_closed and the upstream is cancelled.
+    flood = Scenario(rate=500, tokens=100_000)
+    async with running(flood) as r:
+        with capture_logs() as logs:
+            async with silent_client(r) as sock:
+                await r.wait_mock("open", 1, within=5)
+                loop = asyncio.get_running_loop()
+                assert await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            took = await r.wait_mock("open", 0, within=5)
+            await asyncio.sleep(0.05)
+        assert (await r.mock_stats())["cancelled"] == 1
+        assert r.deps.slots.active == 0
+    assert took < 2.0
+    assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
 
 
 # --- bad input never reaches the upstream --------------------------------------------------
