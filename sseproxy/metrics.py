@@ -8,9 +8,17 @@ first scrape and dashboards never see a series appear out of nowhere.
 Histogram buckets follow the real ranges: time to first token 50 ms–120 s,
 gaps between events 5 ms–60 s, pacing lag 1 ms–10 s, stream duration
 100 ms–1 h.
+
+The figures counted for every event (events and bytes sent, the gap between events, the
+pacing lag) are kept per stream in a :class:`StreamTally` of plain numbers and summed when
+``/metrics`` is scraped (on the same event loop), so an event costs no lock and no call into
+prometheus_client. A scrape sees them exactly as of that moment, running streams included.
 """
 
 from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import (
     REGISTRY,
@@ -20,6 +28,7 @@ from prometheus_client import (
     Histogram,
     Info,
 )
+from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST, generate_latest
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
@@ -44,6 +53,99 @@ LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.
                3.0, 5.0, 10.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
                     600.0, 1800.0, 3600.0)
+
+
+class StreamTally:
+    """What one stream's events add to the per-event metrics, as plain numbers."""
+
+    __slots__ = ("events", "bytes", "gaps", "gap_sum", "lags", "lag_sum")
+
+    def __init__(self) -> None:
+        self.events = 0
+        self.bytes = 0
+        #: Observations per bucket (not cumulative); the last one is ``+Inf``.
+        self.gaps = [0] * (len(GAP_BUCKETS) + 1)
+        self.gap_sum = 0.0
+        self.lags = [0] * (len(LAG_BUCKETS) + 1)
+        self.lag_sum = 0.0
+
+    def gap(self, seconds: float) -> None:
+        self.gaps[bisect_left(GAP_BUCKETS, seconds)] += 1  # a bucket's bound is inclusive
+        self.gap_sum += seconds
+
+    def lag(self, seconds: float) -> None:
+        self.lags[bisect_left(LAG_BUCKETS, seconds)] += 1
+        self.lag_sum += seconds
+
+    def add(self, other: StreamTally) -> None:
+        self.events += other.events
+        self.bytes += other.bytes
+        self.gap_sum += other.gap_sum
+        self.lag_sum += other.lag_sum
+        for i, n in enumerate(other.gaps):
+            self.gaps[i] += n
+        for i, n in enumerate(other.lags):
+            self.lags[i] += n
+
+
+def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int] | None,
+               total: float) -> HistogramMetricFamily:
+    if counts is None:
+        return HistogramMetricFamily(name, doc)
+    buckets: list[tuple[str, float]] = []
+    seen = 0
+    for bound, n in zip([*map(str, bounds), "+Inf"], counts):
+        seen += n
+        buckets.append((bound, seen))
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+
+
+class Tallies:
+    """The per-event metrics: the tallies of ended streams plus those of running ones.
+
+    A collector for ``prometheus_client``: :meth:`collect` runs at each scrape.
+    """
+
+    def __init__(self) -> None:
+        self.ended = StreamTally()
+        self.running: set[StreamTally] = set()
+
+    def open(self) -> StreamTally:
+        tally = StreamTally()
+        self.running.add(tally)
+        return tally
+
+    def close(self, tally: StreamTally) -> None:
+        """The stream ended: its figures join the ended streams' (once)."""
+        if tally in self.running:
+            self.running.discard(tally)
+            self.ended.add(tally)
+
+    def describe(self) -> Iterator[Metric]:
+        return self._families(None)
+
+    def collect(self) -> Iterator[Metric]:
+        total = StreamTally()
+        total.add(self.ended)
+        for tally in self.running:
+            total.add(tally)
+        return self._families(total)
+
+    def _families(self, t: StreamTally | None) -> Iterator[Metric]:
+        yield CounterMetricFamily(
+            "sseproxy_events_sent", "Events written to clients (heartbeats excluded).",
+            value=None if t is None else t.events)
+        yield CounterMetricFamily(
+            "sseproxy_sent_bytes", "Bytes of stream bodies written to clients.",
+            value=None if t is None else t.bytes)
+        yield _histogram(
+            "sseproxy_event_gap_seconds",
+            "Time between two consecutive events written to one client (heartbeats excluded).",
+            GAP_BUCKETS, None if t is None else t.gaps, 0.0 if t is None else t.gap_sum)
+        yield _histogram(
+            "sseproxy_pacing_lag_seconds",
+            "Time text waited in the pacer: a piece's send time minus its oldest text's arrival.",
+            LAG_BUCKETS, None if t is None else t.lags, 0.0 if t is None else t.lag_sum)
 
 
 def upstream_status_label(status: int | None, timed_out: bool = False) -> str:
@@ -82,25 +184,15 @@ class Metrics:
             "sseproxy_time_to_first_token_seconds",
             "From request to the first text sent to the client.",
             buckets=TTFT_BUCKETS, registry=r)
-        self.event_gap = Histogram(
-            "sseproxy_event_gap_seconds",
-            "Time between two consecutive events written to one client (heartbeats excluded).",
-            buckets=GAP_BUCKETS, registry=r)
         self.stalls = Counter(
             "sseproxy_stalls",
             "Stall episodes: no upstream bytes, or a client flush not completing, for "
             "stall.threshold_s.", ["side"], registry=r)
         self.streams_stalled = Gauge(
             "sseproxy_streams_stalled", "Streams stalled now, by side.", ["side"], registry=r)
-        self.pacing_lag = Histogram(
-            "sseproxy_pacing_lag_seconds",
-            "Time text waited in the pacer: a piece's send time minus its oldest text's arrival.",
-            buckets=LAG_BUCKETS, registry=r)
-        self.events_sent = Counter(
-            "sseproxy_events_sent", "Events written to clients (heartbeats excluded).",
-            registry=r)
-        self.sent_bytes = Counter(
-            "sseproxy_sent_bytes", "Bytes of stream bodies written to clients.", registry=r)
+        #: Events and bytes sent, event gaps and pacing lag: tallied per stream.
+        self.tallies = Tallies()
+        r.register(self.tallies)
         self.upstream_requests = Counter(
             "sseproxy_upstream_requests", "Upstream requests, by answer.", ["status"],
             registry=r)

@@ -325,6 +325,8 @@ class StreamSession:
         self._last_event_at: float | None = None
         self._logged = False
         metrics.streams_active.inc()
+        #: This stream's share of the per-event metrics (summed at each scrape).
+        self.tally = metrics.tallies.open()
 
     # --- the pump ------------------------------------------------------------
 
@@ -488,7 +490,7 @@ class StreamSession:
                     self._first_text()
                     lag = max(0.0, now - piece.arrived)
                     self.lags.append(lag)
-                    self.metrics.pacing_lag.observe(lag)
+                    self.tally.lag(lag)
                 done = end is not None and not pacer.pending
                 if done:
                     parts.append(self._end_frame(end, frames))
@@ -568,11 +570,12 @@ class StreamSession:
         now = time.monotonic()
         if self._last_event_at is not None:
             gap = now - self._last_event_at
-            self.max_gap_s = max(self.max_gap_s, gap)
-            self.metrics.event_gap.observe(gap)
+            if gap > self.max_gap_s:
+                self.max_gap_s = gap
+            self.tally.gap(gap)
         self._last_event_at = now
         self.events += len(parts)
-        self.metrics.events_sent.inc(len(parts))
+        self.tally.events += len(parts)
 
     async def write(self, sink: Sink, data: bytes) -> None:
         """Write ``data`` to the client through this session (counted, watched for stalls)."""
@@ -582,13 +585,13 @@ class StreamSession:
         finally:
             self.client_watch.end()
         self.bytes += len(data)
-        self.metrics.sent_bytes.inc(len(data))
+        self.tally.bytes += len(data)
 
     def record_body(self, size: int) -> None:
         """A non-streaming reply of ``size`` bytes was written (one event)."""
         self.events, self.bytes = 1, size
-        self.metrics.events_sent.inc()
-        self.metrics.sent_bytes.inc(size)
+        self.tally.events += 1
+        self.tally.bytes += size
 
     def _finish(self, outcome: Outcome) -> None:
         """Record the outcome; the first one wins (a client that left stays ``client_closed``)."""
@@ -612,6 +615,7 @@ class StreamSession:
         outcome = self.outcome or Outcome.CANCELLED
         m = self.metrics
         m.streams_active.dec()
+        m.tallies.close(self.tally)
         m.streams.labels(str(outcome)).inc()
         m.stream_duration.observe(duration)
         usage = self.usage or {}

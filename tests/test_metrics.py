@@ -9,6 +9,9 @@ from urllib.parse import quote
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from prometheus_client import CollectorRegistry, Histogram
 from fakes import chunk, client, responder
 from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
@@ -282,3 +285,59 @@ async def test_metrics_exposition_is_prometheus_text(io_loop: Any) -> None:
     assert resp.headers["Content-Type"].startswith("text/plain")
     assert 'sseproxy_streams_total{outcome="completed"} 1.0' in resp.text
     assert "# TYPE sseproxy_time_to_first_token_seconds histogram" in resp.text
+
+
+# --- per-event metrics, tallied per stream -------------------------------------------------
+
+_seconds = st.floats(min_value=0.0, max_value=5000.0, allow_nan=False)
+
+
+@settings(max_examples=60, deadline=None)
+@given(gaps=st.lists(_seconds, max_size=40), lags=st.lists(_seconds, max_size=40),
+       bounds=st.sampled_from([metrics.GAP_BUCKETS[3], metrics.LAG_BUCKETS[0]]))
+def test_tallied_histograms_expose_what_prometheus_histograms_would(
+        gaps: list[float], lags: list[float], bounds: float) -> None:
+    # A bound itself is inclusive (le): values exactly on a bound must land in that bucket.
+    gaps, lags = [*gaps, bounds], [*lags, bounds]
+    m = Metrics(process=False)
+    tallies = [m.tallies.open() for _ in range(3)]
+    for i, g in enumerate(gaps):
+        tallies[i % 3].gap(g)
+    for i, lag in enumerate(lags):
+        tallies[i % 3].lag(lag)
+    m.tallies.close(tallies[0])  # one ended, two still running: all count
+    m.tallies.close(tallies[0])  # closing twice adds nothing
+
+    ref = CollectorRegistry()
+    ref_gap = Histogram("sseproxy_event_gap_seconds", "", buckets=metrics.GAP_BUCKETS,
+                        registry=ref)
+    ref_lag = Histogram("sseproxy_pacing_lag_seconds", "", buckets=metrics.LAG_BUCKETS,
+                        registry=ref)
+    for g in gaps:
+        ref_gap.observe(g)
+    for lag in lags:
+        ref_lag.observe(lag)
+    for name, bounds_ in (("sseproxy_event_gap_seconds", metrics.GAP_BUCKETS),
+                          ("sseproxy_pacing_lag_seconds", metrics.LAG_BUCKETS)):
+        for le in [*map(str, bounds_), "+Inf"]:
+            assert value(m, f"{name}_bucket", le=le) == \
+                ref.get_sample_value(f"{name}_bucket", {"le": le}), (name, le)
+        assert value(m, f"{name}_count") == ref.get_sample_value(f"{name}_count", {})
+        assert value(m, f"{name}_sum") == pytest.approx(ref.get_sample_value(f"{name}_sum", {}))
+
+
+def test_tallied_counters_count_running_and_ended_streams_once() -> None:
+    m = Metrics(process=False)
+    assert value(m, "sseproxy_events_sent_total") == 0
+    assert value(m, "sseproxy_event_gap_seconds_count") == 0
+    a, b = m.tallies.open(), m.tallies.open()
+    a.events, a.bytes = 3, 30
+    b.events, b.bytes = 4, 40
+    assert value(m, "sseproxy_events_sent_total") == 7  # running streams are seen at once
+    m.tallies.close(a)
+    m.tallies.close(a)
+    assert value(m, "sseproxy_events_sent_total") == 7
+    assert value(m, "sseproxy_sent_bytes_total") == 70
+    m.tallies.close(b)
+    assert m.tallies.running == set()
+    assert value(m, "sseproxy_sent_bytes_total") == 70
