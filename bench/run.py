@@ -16,8 +16,8 @@ them all by PID at the end, also after an error or Ctrl-C. Then, with the load g
    /proc/<pid>/stat (utime + stime, children excluded) over these same loads;
 3. **sustained throughput**: 200 streams, the rate per stream stepped up (scenarios again
    interleaved at each step) until a step fails: p99 added > 50 ms, > 1 % errors or < 90 %
-   delivered (a failed step is tried once more: the machine is shared); the last passing
-   step's tokens/s is the figure. Direct shows the harness's own ceiling.
+   delivered (a failed step is tried once more, whatever the margin: the machine is shared);
+   the last passing step's tokens/s is the figure. Direct shows the harness's own ceiling.
 
 It prints one markdown table with ratios against the baselines of the same run and writes
 it, with the machine and the command, between the markers of ``docs/benchmarks.md``; the
@@ -500,20 +500,15 @@ class Bench:
                     if not why:
                         best[name] = sample
                         break
-                    # Noise can fail a step by a little, not by a lot.
-                    again = attempt + 1 < tries and marginal(sample, baseline_p99_ms)
+                    # One stall of the shared machine (a hypervisor pause, another
+                    # process's burst) fails a few-second step outright: a relay drops out
+                    # only when the step fails twice.
+                    again = attempt + 1 < tries
                     self.log(f"    {name} failed ({why})" + (", once more" if again else ""))
                     if not again:
                         alive.remove(name)
                         break
         return best
-
-
-def marginal(sample: Sample, baseline_p99_ms: float) -> bool:
-    s = sample.summary
-    p99: float = s["latency_ms"]["p99"]
-    return bool(p99 - baseline_p99_ms <= 3 * MAX_ADDED_P99_MS
-                and s["error_rate"] <= 10 * MAX_ERROR_RATE and s["delivered"] >= MIN_DELIVERED)
 
 
 def step_failure(sample: Sample, baseline_p99_ms: float) -> str:
