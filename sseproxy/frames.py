@@ -101,21 +101,31 @@ class OpenAIFrames:
         self,
         completion_id: str,
         created: int,
-        model: Callable[[], str],
+        model: str,
         include_usage: bool,
+        reported: Callable[[], str | None] | None = None,
     ) -> None:
+        """``model`` is the one asked for; ``reported`` returns the one the upstream says it
+        used, once known (it is set once and then never changes), which then wins."""
         self.completion_id = completion_id
         self.created = created
         self._model = model
+        self._reported = reported
         self.include_usage = include_usage
+        #: (model, head, tail) of a text chunk; final once the upstream reported its model.
         self._template: tuple[str, bytes, bytes] | None = None
+        self._final = reported is None
+
+    def model(self) -> str:
+        reported = self._reported() if self._reported is not None else None
+        return reported or self._model
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         chunk: dict[str, Any] = {
             "id": self.completion_id,
             "object": "chat.completion.chunk",
             "created": self.created,
-            "model": self._model(),
+            "model": self.model(),
             "choices": choices,
         }
         if self.include_usage:
@@ -123,15 +133,23 @@ class OpenAIFrames:
         return b"data: " + dumps(chunk).encode() + b"\n\n"
 
     def _content_frame(self, content: str) -> bytes:
-        """A text chunk: everything but the text is encoded once per stream (and again if
-        the model name changes, as when the upstream first reports it)."""
-        model = self._model()
+        """A text chunk: everything but the text is encoded once per stream (and again when
+        the upstream first reports its model)."""
+        template = self._template
+        if template is None or not self._final:
+            template = self._content_template()
+        return template[1] + _json_string(content).encode() + template[2]
+
+    def _content_template(self) -> tuple[str, bytes, bytes]:
+        reported = self._reported() if self._reported is not None else None
+        model = reported or self._model
         template = self._template
         if template is None or template[0] != model:
             head, _, tail = self._chunk([{"index": 0, "delta": {"content": "\x00"},
                                           "finish_reason": None}]).partition(b'"\\u0000"')
             template = self._template = (model, head, tail)
-        return template[1] + _json_string(content).encode() + template[2]
+        self._final = reported is not None or self._reported is None
+        return template
 
     def text(self, content: str) -> bytes:
         return self._content_frame(content)

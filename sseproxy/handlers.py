@@ -331,9 +331,8 @@ class ChatCompletionsHandler(StreamingHandler):
             return
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
-        frames = OpenAIFrames(
-            completion_id, created, lambda: session.model or req.model, req.include_usage
-        )
+        frames = OpenAIFrames(completion_id, created, req.model, req.include_usage,
+                              reported=lambda: session.model)
         try:
             await self.flush()
         except StreamClosedError:

@@ -33,23 +33,26 @@ def test_eventsource_error_event_carries_code_message_and_retry_hint() -> None:
 
 
 def test_openai_chunks() -> None:
-    model = "m-1"
-    f = OpenAIFrames("chatcmpl-x", 1700000000, lambda: model, include_usage=False)
+    reported: str | None = None
+    f = OpenAIFrames("chatcmpl-x", 1700000000, "m-1", include_usage=False,
+                     reported=lambda: reported)
+    assert json.loads(f.delta(Delta("a"))[6:])["model"] == "m-1"  # asked for, until reported
     first = f.delta(Delta("", role="assistant"))
     assert first.startswith(b"data: ") and first.endswith(b"\n\n")
     assert json.loads(first[6:]) == {
         "id": "chatcmpl-x", "object": "chat.completion.chunk", "created": 1700000000,
         "model": "m-1", "choices": [{"index": 0, "delta": {"role": "assistant", "content": ""},
                                      "finish_reason": None}]}
-    model = "m-2"  # the model the upstream reported, once known
+    reported = "m-2"  # the model the upstream reported, once known
     assert json.loads(f.delta(Delta("a"))[6:])["model"] == "m-2"
+    assert json.loads(f.text("b")[6:])["model"] == "m-2"
     end = f.end("stop", {"total_tokens": 1}).split(b"\n\n")
     assert json.loads(end[0][6:])["choices"] == [{"index": 0, "delta": {}, "finish_reason": "stop"}]
     assert end[1:] == [b"data: [DONE]", b""]
 
 
 def test_openai_usage_chunk_when_asked() -> None:
-    f = OpenAIFrames("c", 1, lambda: "m", include_usage=True)
+    f = OpenAIFrames("c", 1, "m", include_usage=True)
     assert json.loads(f.delta(Delta("a"))[6:])["usage"] is None
     frames = f.end("length", {"prompt_tokens": 2}).split(b"\n\n")
     usage = json.loads(frames[1][6:])
@@ -58,7 +61,7 @@ def test_openai_usage_chunk_when_asked() -> None:
 
 
 def test_openai_error_frame_is_the_openai_error_object() -> None:
-    f = OpenAIFrames("c", 1, lambda: "m", include_usage=False)
+    f = OpenAIFrames("c", 1, "m", include_usage=False)
     frame = f.error(errors.UpstreamStreamError("busy", upstream_code="overloaded"))
     assert json.loads(frame[6:]) == {"error": {"type": "upstream_error", "code": "overloaded",
                                                "message": "busy"}}
