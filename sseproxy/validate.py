@@ -178,11 +178,15 @@ def _model(requested: Any, persona: str | None, settings: Settings) -> str:
     return settings.upstream.model
 
 
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     if not body:
         raise errors.RequestError("the request body is empty; expected a JSON object")
     try:
-        obj = json.loads(body)
+        obj = json.loads(body, parse_constant=_no_constant)
     except UnicodeDecodeError:
         raise errors.RequestError("the request body is not UTF-8") from None
     except ValueError as exc:

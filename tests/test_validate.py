@@ -62,6 +62,11 @@ def test_text_parts_count_towards_the_limit() -> None:
     [
         (b"", "empty"),
         (b"{not json", "not valid JSON"),
+        # Python's json reads these, JSON has no such numbers: never forwarded upstream
+        (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": NaN}}',
+         "not valid JSON: NaN"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "top_p": -Infinity}',
+         "not valid JSON: -Infinity"),
         (b"\xff\xfe", "not"),
         (b"[1, 2]", "JSON object"),
         (body(messages=[]), "'messages' must be a non-empty list"),
