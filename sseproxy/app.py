@@ -27,7 +27,7 @@ from .errors import ConfigError
 from .handlers import Deps, StreamSlots
 from .metrics import Metrics
 from .session import StallMonitor
-from .upstream import UpstreamClient, make_http_client
+from .upstream import UpstreamClient, make_transport
 
 log = structlog.get_logger("sseproxy.app")
 
@@ -96,10 +96,8 @@ def make_server(app: tornado.web.Application, settings: Settings) -> tornado.htt
 async def build_deps(
     settings: Settings, upstream_url: str | None = None, metrics: Metrics | None = None
 ) -> Deps:
-    http = make_http_client(settings)
-    upstream = UpstreamClient(
-        settings, http, base_url=upstream_url, api_key=config.api_key(settings)
-    )
+    upstream = UpstreamClient(settings, make_transport(settings), base_url=upstream_url,
+                              api_key=config.api_key(settings))
     slots = StreamSlots(settings.limits.max_streams)
     deps = Deps(settings=settings, upstream=upstream, slots=slots,
                 metrics=metrics if metrics is not None else Metrics(),

@@ -1,4 +1,4 @@
-"""The upstream client: one ``httpx.AsyncClient`` per process, OpenAI streaming in, deltas out.
+"""The upstream client: one pooled transport per process, OpenAI streaming in, deltas out.
 
 ``UpstreamClient.open(body)`` posts ``{base_url}/chat/completions`` with
 ``stream: true`` and returns a :class:`ChatStream`. Entering it waits for the
@@ -6,6 +6,13 @@ upstream's status (an error status raises before anything is sent to the
 client); :meth:`ChatStream.run` passes each :class:`Delta` to a callback as it arrives.
 Every failure is translated here, once, into :mod:`sseproxy.errors`; the
 response is always closed, on success, on error and on cancellation.
+
+Requests go straight to an httpx transport (sseproxy's own :mod:`sseproxy.h1`, or any
+``httpx.AsyncBaseTransport``, e.g. ``httpx.MockTransport`` in tests), not through an
+``httpx.AsyncClient``: a relay must not keep cookies from one user's request for the next
+(a client's cookie jar would), follows no redirects (a redirect means a wrong ``base_url``,
+and following it would resend the API key), and so needs none of the client's per-request
+work (a third of the cost of opening a stream).
 
 Timeouts: httpx's own timeouts cover connecting and acquiring a pooled
 connection. Reads have no httpx timeout, because one read timeout cannot tell
@@ -29,7 +36,7 @@ from typing import Any, Protocol, cast
 import httpx
 import orjson
 
-from . import errors, h1
+from . import __version__, errors, h1
 from .config import Settings
 from .sse import Decoder
 
@@ -68,15 +75,9 @@ def _loads(data: str) -> Any:
         return json.loads(data)
 
 
-def make_http_client(settings: Settings) -> httpx.AsyncClient:
-    """The process's upstream client, with explicit timeouts and pool limits."""
+def make_transport(settings: Settings) -> h1.H1Transport:
+    """The process's upstream connection pool, with explicit limits."""
     up = settings.upstream
-    timeout = httpx.Timeout(
-        connect=up.connect_timeout_s,
-        read=None,  # first-token and idle deadlines are enforced per frame, see module doc
-        write=up.connect_timeout_s,
-        pool=up.connect_timeout_s,
-    )
     limits = httpx.Limits(
         max_connections=up.max_connections,
         max_keepalive_connections=up.max_keepalive_connections,
@@ -84,9 +85,7 @@ def make_http_client(settings: Settings) -> httpx.AsyncClient:
     )
     # sseproxy's own HTTP/1.1 transport: streamed bodies are parsed as they arrive,
     # without a task switch, h11's state machine or a timeout scope per chunk (see h1.py).
-    transport = h1.H1Transport(limits=limits,
-                               ssl_context=httpx.create_ssl_context(trust_env=False))
-    return httpx.AsyncClient(timeout=timeout, transport=transport, trust_env=False)
+    return h1.H1Transport(limits=limits, ssl_context=httpx.create_ssl_context(trust_env=False))
 
 
 def _retry_after(headers: httpx.Headers) -> str | None:
@@ -106,19 +105,27 @@ class UpstreamClient:
     def __init__(
         self,
         settings: Settings,
-        http: httpx.AsyncClient,
+        transport: httpx.AsyncBaseTransport,
         *,
         base_url: str | None = None,
         api_key: str | None = None,
     ) -> None:
         self.settings = settings
-        self.http = http
+        self.transport = transport
         # parsed once: httpx would parse a str URL again for every request
         self.url = httpx.URL((base_url or settings.upstream_url).rstrip("/") + "/chat/completions")
         # identity: a compressed event stream arrives in bursts, whatever the server does
-        self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity"}
+        self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
+                         "Content-Type": "application/json",
+                         "User-Agent": f"sseproxy/{__version__}"}
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
+        up = settings.upstream
+        # The transport's own timeouts: connecting and waiting for a pooled connection.
+        # Reads have none: first-token and idle deadlines are enforced per frame.
+        self._extensions = {"timeout": httpx.Timeout(
+            connect=up.connect_timeout_s, read=None, write=up.connect_timeout_s,
+            pool=up.connect_timeout_s).as_dict()}
 
     def open(self, body: Mapping[str, Any], *, request_id: str | None = None) -> ChatStream:
         payload = dict(body)
@@ -127,11 +134,15 @@ class UpstreamClient:
         headers = dict(self._headers)
         if request_id:
             headers["X-Request-ID"] = request_id
-        request = self.http.build_request("POST", self.url, json=payload, headers=headers)
+        # What httpx's json= would send; NaN and Infinity never get here (see validate).
+        content = json.dumps(payload, ensure_ascii=False, separators=(",", ":"),
+                             allow_nan=False).encode()
+        request = httpx.Request("POST", self.url, headers=headers, content=content,
+                                extensions=self._extensions)
         return ChatStream(self, request)
 
     async def aclose(self) -> None:
-        await self.http.aclose()
+        await self.transport.aclose()
 
 
 class ChatStream:
@@ -186,7 +197,7 @@ class ChatStream:
             self.waits.begin()
         try:
             async with asyncio.timeout(self._first_token_timeout):
-                response = await self._client.http.send(self._request, stream=True)
+                response = await self._client.transport.handle_async_request(self._request)
         except TimeoutError as exc:
             raise errors.FirstTokenTimeout(
                 f"the upstream did not answer within {self._first_token_timeout:g} s"

@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 
 from sseproxy import config
-from sseproxy.upstream import UpstreamClient, make_http_client
+from sseproxy.upstream import UpstreamClient
 
 URL = "http://upstream.test/v1"
 SSE = {"Content-Type": "text/event-stream"}
@@ -62,9 +62,8 @@ def client(handler: Callable[[httpx.Request], Any], api_key: str | None = None,
            **upstream: Any) -> UpstreamClient:
     settings = config.Settings(upstream=config.UpstreamSettings(kind="openai", base_url=URL,
                                                                 **upstream))
-    http = make_http_client(settings)
-    http._transport = httpx.MockTransport(handler)  # the real client, a fake network
-    return UpstreamClient(settings, http, api_key=api_key)
+    # the real client, a fake network
+    return UpstreamClient(settings, httpx.MockTransport(handler), api_key=api_key)
 
 
 def responder(status: int = 200, parts: list[bytes | float | Exception] | None = None,

@@ -11,8 +11,8 @@ import pytest
 from fakes import GOOD, SSE, URL, Body, chunk, client, responder
 from scripted import CHUNKED, Server, answer, chunked, serving
 
-from sseproxy import config, errors
-from sseproxy.upstream import Delta, UpstreamClient, make_http_client
+from sseproxy import __version__, config, errors
+from sseproxy.upstream import Delta, UpstreamClient, make_transport
 
 
 async def collect(up: UpstreamClient, body: dict[str, Any] | None = None) -> list[Delta]:
@@ -34,6 +34,10 @@ async def test_request_shape_and_deltas(io_loop: Any) -> None:
     request = seen[0]
     assert str(request.url) == URL + "/chat/completions"
     assert request.headers["Authorization"] == "Bearer sk-test"
+    assert request.headers["Content-Type"] == "application/json"
+    assert request.headers["User-Agent"] == f"sseproxy/{__version__}"
+    assert request.headers["Accept-Encoding"] == "identity"
+    assert request.headers["Content-Length"] == str(len(request.content))
     assert json.loads(request.content) == {
         "model": "m", "messages": [{"role": "user", "content": "x"}], "stream": True,
         "stream_options": {"include_usage": True}}
@@ -52,6 +56,22 @@ async def test_no_authorization_header_without_a_key(io_loop: Any) -> None:
 
     await collect(client(handler))
     assert "Authorization" not in seen[0].headers
+
+
+async def test_no_cookie_from_one_request_reaches_the_next(io_loop: Any) -> None:
+    # The upstream client is shared by every user of the process: what the API sets for
+    # one request (a load balancer's cookie, say) must not ride along on the next.
+    seen: list[httpx.Request] = []
+
+    async def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, headers={**SSE, "Set-Cookie": "lb=abc; Path=/"},
+                              stream=Body(GOOD))
+
+    up = client(handler)
+    await collect(up)
+    await collect(up)
+    assert len(seen) == 2 and "Cookie" not in seen[1].headers
 
 
 async def test_frames_split_anywhere_give_the_same_deltas(io_loop: Any) -> None:
@@ -148,10 +168,8 @@ async def test_event_size_limit_comes_from_config(io_loop: Any) -> None:
         limits=config.LimitsSettings(max_event_bytes=2048),
     )
     handler, _ = responder(parts=[chunk("x" * 3000)])
-    http = make_http_client(settings)
-    http._transport = httpx.MockTransport(handler)
     with pytest.raises(errors.MalformedFrame, match="max_event_bytes = 2048"):
-        await collect(UpstreamClient(settings, http))
+        await collect(UpstreamClient(settings, httpx.MockTransport(handler)))
 
 
 async def test_finish_reason_without_done_is_complete(io_loop: Any) -> None:
@@ -237,7 +255,7 @@ async def test_a_role_chunk_does_not_end_the_first_token_deadline(io_loop: Any) 
 def loopback_client(port: int, **upstream: Any) -> UpstreamClient:
     settings = config.Settings(upstream=config.UpstreamSettings(
         kind="openai", base_url=f"http://127.0.0.1:{port}/v1", **upstream))
-    return UpstreamClient(settings, make_http_client(settings))
+    return UpstreamClient(settings, make_transport(settings))
 
 
 async def test_the_idle_deadline_starts_at_the_first_token_not_the_first_token_budget(
