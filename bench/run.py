@@ -662,6 +662,25 @@ def figures(bench: Bench, idle: dict[str, float], best: dict[str, Sample],
         f"`--workers 2` / 1 worker sustained events/s: "
         f"**{ratio(tput('sseproxy-2w'), tput('sseproxy-off'))}**",
     ]
+
+    def budget(name: str) -> str | None:
+        """CPU of every process per token of ``name`` at the big load, and the cores used."""
+        samples = of(name, big)
+        tokens = sum(s.summary["tokens"] for s in samples)
+        if not tokens:
+            return None
+        sim = sum(s.simulator_cpu_s for s in samples) / tokens * 1e6
+        gen = sum(s.summary["loadgen_cpu_s"] for s in samples) / tokens * 1e6
+        relay = sum(s.relay_cpu_s for s in samples) / tokens * 1e6
+        cores = (sim + gen + relay) * 1e-6 * big * rate[big]
+        return (f"{name} {sim:.1f} + {gen:.1f} + {relay:.1f} µs = **{cores:.2f} cores**")
+
+    budgets = [b for b in map(budget, ("nginx", "naive", "sseproxy-off")) if b]
+    if budgets:
+        out.ratios.append(
+            f"CPU per token at {big:,} streams × {rate[big]:g} tok/s, simulator + load generator "
+            f"+ relay, and the cores that takes at {big * rate[big]:,.0f} tokens/s "
+            f"(this machine has {os.cpu_count()}): " + "; ".join(budgets))
     direct = [s for s in bench.samples if s.target == "direct" and s.phase != "warmup"]
     tokens = sum(s.summary["tokens"] for s in direct)
     cpu = sum(s.summary["loadgen_cpu_s"] for s in direct)
