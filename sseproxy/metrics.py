@@ -58,30 +58,33 @@ DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0
 class StreamTally:
     """What one stream's events add to the per-event metrics, as plain numbers."""
 
-    __slots__ = ("events", "bytes", "gaps", "gap_sum", "lags", "lag_sum")
+    __slots__ = ("events", "bytes", "gaps", "gap_ns", "lags", "lag_ns")
 
     def __init__(self) -> None:
         self.events = 0
         self.bytes = 0
         #: Observations per bucket (not cumulative); the last one is ``+Inf``.
         self.gaps = [0] * (len(GAP_BUCKETS) + 1)
-        self.gap_sum = 0.0
+        #: Sums in whole nanoseconds: integers add up the same in any order, so a sum that
+        #: moves from a running stream to the ended ones never comes out lower (floats can,
+        #: by an ulp, and Prometheus would read that as a counter reset).
+        self.gap_ns = 0
         self.lags = [0] * (len(LAG_BUCKETS) + 1)
-        self.lag_sum = 0.0
+        self.lag_ns = 0
 
     def gap(self, seconds: float) -> None:
         self.gaps[bisect_left(GAP_BUCKETS, seconds)] += 1  # a bucket's bound is inclusive
-        self.gap_sum += seconds
+        self.gap_ns += round(seconds * 1e9)
 
     def lag(self, seconds: float) -> None:
         self.lags[bisect_left(LAG_BUCKETS, seconds)] += 1
-        self.lag_sum += seconds
+        self.lag_ns += round(seconds * 1e9)
 
     def add(self, other: StreamTally) -> None:
         self.events += other.events
         self.bytes += other.bytes
-        self.gap_sum += other.gap_sum
-        self.lag_sum += other.lag_sum
+        self.gap_ns += other.gap_ns
+        self.lag_ns += other.lag_ns
         for i, n in enumerate(other.gaps):
             self.gaps[i] += n
         for i, n in enumerate(other.lags):
@@ -141,11 +144,11 @@ class Tallies:
         yield _histogram(
             "sseproxy_event_gap_seconds",
             "Time between two consecutive events written to one client (heartbeats excluded).",
-            GAP_BUCKETS, None if t is None else t.gaps, 0.0 if t is None else t.gap_sum)
+            GAP_BUCKETS, None if t is None else t.gaps, 0.0 if t is None else t.gap_ns / 1e9)
         yield _histogram(
             "sseproxy_pacing_lag_seconds",
             "Time text waited in the pacer: a piece's send time minus its oldest text's arrival.",
-            LAG_BUCKETS, None if t is None else t.lags, 0.0 if t is None else t.lag_sum)
+            LAG_BUCKETS, None if t is None else t.lags, 0.0 if t is None else t.lag_ns / 1e9)
 
 
 def upstream_status_label(status: int | None, timed_out: bool = False) -> str:

@@ -341,3 +341,19 @@ def test_tallied_counters_count_running_and_ended_streams_once() -> None:
     m.tallies.close(b)
     assert m.tallies.running == set()
     assert value(m, "sseproxy_sent_bytes_total") == 70
+
+
+@settings(max_examples=200, deadline=None)
+@given(streams=st.lists(st.lists(_seconds, min_size=1, max_size=5), min_size=2, max_size=5),
+       ending=st.integers(min_value=0))
+def test_a_stream_that_ends_never_lowers_a_sum(streams: list[list[float]], ending: int) -> None:
+    # The sums are recomputed at each scrape; a stream moving from running to ended must not
+    # make them smaller, not even by rounding (Prometheus would read a counter reset).
+    m = Metrics(process=False)
+    tallies = [m.tallies.open() for _ in streams]
+    for tally, gaps in zip(tallies, streams):
+        for g in gaps:
+            tally.gap(g)
+    before = value(m, "sseproxy_event_gap_seconds_sum")
+    m.tallies.close(tallies[ending % len(tallies)])
+    assert value(m, "sseproxy_event_gap_seconds_sum") == before
