@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -182,15 +183,34 @@ def _no_constant(name: str) -> Any:
     raise ValueError(f"{name} is not a JSON number")
 
 
+def _finite(text: str) -> float:
+    number = float(text)
+    if not math.isfinite(number):
+        raise ValueError(f"the number {text[:40]} is out of range")
+    return number
+
+
+#: A JSON escape of a UTF-16 surrogate (\ud800-\udfff): fine in a pair, refused alone.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+
+
 def parse_json(body: bytes) -> dict[str, Any]:
     if not body:
         raise errors.RequestError("the request body is empty; expected a JSON object")
     try:
-        obj = json.loads(body, parse_constant=_no_constant)
+        obj = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
     except UnicodeDecodeError:
         raise errors.RequestError("the request body is not UTF-8") from None
     except ValueError as exc:
         raise errors.RequestError(f"the request body is not valid JSON: {exc}") from None
+    if _SURROGATE_ESCAPE.search(body):
+        # Python reads a lone surrogate escape into a string that cannot be sent on as UTF-8.
+        try:
+            json.dumps(obj, ensure_ascii=False).encode()
+        except UnicodeEncodeError:
+            raise errors.RequestError(
+                "the request body is not valid JSON: a string holds a lone surrogate "
+                "(\\ud800-\\udfff without its pair)") from None
     if not isinstance(obj, dict):
         raise errors.RequestError("the request body must be a JSON object")
     return obj

@@ -51,6 +51,13 @@ def test_persona_adds_its_system_prompt_and_model() -> None:
     assert validate.chat_completion(body(persona="pirate", model="x"), SETTINGS).model == "x"
 
 
+def test_escaped_surrogate_pairs_and_big_integers_are_fine() -> None:
+    req = validate.chat_completion(
+        b'{"messages": [{"role": "user", "content": "\\ud83d\\ude00"}], "seed": 1'
+        + b"0" * 30 + b"}", SETTINGS)
+    assert req.messages[0]["content"] == "\U0001f600"
+
+
 def test_text_parts_count_towards_the_limit() -> None:
     parts = [{"type": "text", "text": "a" * 30}, {"type": "text", "text": "b" * 30}]
     with pytest.raises(errors.RequestError, match="60 characters; at most 50"):
@@ -67,6 +74,11 @@ def test_text_parts_count_towards_the_limit() -> None:
          "not valid JSON: NaN"),
         (b'{"messages": [{"role": "user", "content": "x"}], "top_p": -Infinity}',
          "not valid JSON: -Infinity"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "logit_bias": {"1": 1e999}}',
+         "not valid JSON: the number 1e999 is out of range"),
+        (b'{"messages": [{"role": "user", "content": "x\\ud800"}]}', "lone surrogate"),
+        (b'{"messages": [{"role": "user", "content": "x"}], "user": "\\uDC00y"}',
+         "lone surrogate"),
         (b"\xff\xfe", "not"),
         (b"[1, 2]", "JSON object"),
         (body(messages=[]), "'messages' must be a non-empty list"),
