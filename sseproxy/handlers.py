@@ -155,6 +155,8 @@ class StreamingHandler(BaseHandler):
         Tornado's write buffer (which keeps the order: the direct send is tried only when
         that buffer is empty).
         """
+        if not data:
+            return  # (an empty chunk would end a chunked body)
         if not self._raw_known and self._headers_written:
             self._raw, self._raw_known = self._raw_stream(), True
         raw = self._raw
