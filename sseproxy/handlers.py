@@ -142,6 +142,13 @@ class StreamingHandler(BaseHandler):
             # Tornado turns Nagle off only when a response finishes; a stream's small
             # frames would otherwise wait for the client's delayed ACK (up to 40 ms).
             self.request.connection.stream.set_nodelay(True)
+        if self.request.version == "HTTP/1.0":
+            # No chunked framing in HTTP/1.0: the stream ends when the connection closes.
+            # Tornado would answer a keep-alive request with "Keep-Alive" and then keep the
+            # connection open after the last frame, so the client would wait forever.
+            self.request.headers["Connection"] = "close"
+            self.set_header("Connection", "close")
+            self._close_when_done = True
 
     async def send(self, data: bytes) -> None:
         """:class:`~sseproxy.session.Sink`: write and flush at once.
@@ -259,12 +266,21 @@ class StreamingHandler(BaseHandler):
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 
+    _close_when_done = False
+
     def finish_quietly(self) -> None:
         if not self._finished:
             try:
-                self.finish()
+                sent = self.finish()
             except StreamClosedError:
-                pass
+                return
+            if self._close_when_done:
+                sent.add_done_callback(lambda _: self._close_connection())
+
+    def _close_connection(self) -> None:
+        """End a close-delimited (HTTP/1.0) stream once its last bytes are written."""
+        if isinstance(self.request.connection, HTTP1Connection):
+            self.request.connection.stream.close()
 
 
 @tornado.web.stream_request_body

@@ -411,18 +411,22 @@ async def test_a_reader_that_lags_gets_every_frame_whole_and_in_order(io_loop: A
     assert seq == list(range(seq[0], seq[0] + len(seq)))  # every event, once, in order
 
 
-async def test_an_http_1_0_client_gets_a_close_delimited_stream(io_loop: Any) -> None:
-    # No chunked framing for HTTP/1.0: the body is the events, ended by closing the socket.
+@pytest.mark.parametrize("connection", [b"", b"Connection: keep-alive\r\n"])
+async def test_an_http_1_0_client_gets_a_close_delimited_stream(
+        io_loop: Any, connection: bytes) -> None:
+    # No chunked framing for HTTP/1.0: the body is the events, ended by closing the socket,
+    # also when the client asked for keep-alive (there is no other way to end it).
     async with running(FAST) as r:
         reader, writer = await asyncio.open_connection("127.0.0.1", int(r.url.rsplit(":")[-1]))
         try:
-            writer.write(b"GET /v1/chat/stream?prompt=hi HTTP/1.0\r\n\r\n")
+            writer.write(b"GET /v1/chat/stream?prompt=hi HTTP/1.0\r\n" + connection + b"\r\n")
             raw = await asyncio.wait_for(reader.read(-1), 10)  # until the server closes
         finally:
             writer.close()
     head, _, body = raw.partition(b"\r\n\r\n")
     assert head.split(b" ", 2)[1] == b"200"
     assert b"chunked" not in head.lower()
+    assert b"connection: close" in head.lower() and b"keep-alive" not in head.lower()
     assert b"\r\n" not in body  # frames end in \n: no chunk framing crept in
     events = sse.Decoder().feed(body)
     assert events[-1].event == "done"
