@@ -171,20 +171,37 @@ class StreamingHandler(BaseHandler):
             if self._closed or raw.closed():
                 raise ClientGone
             if not raw.writing():
-                frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
-                try:
-                    sent = raw.socket.send(frame)
-                except BlockingIOError:
-                    sent = 0
-                except OSError as exc:
-                    raw.close(exc_info=exc)  # tells the handler (on_connection_close)
-                    raise ClientGone from None
-                if sent < len(frame):
-                    rest = memoryview(frame)[sent:]
-                    await self._wait_written(lambda: raw.write(rest))
+                rest = self._send_direct(raw, data)
+                if rest is not None:
+                    await self._wait_written(lambda: rest)
                 return
         self.write(data)
         await self._wait_written(self.flush)
+
+    def ready(self) -> bool:
+        """:class:`~sseproxy.session.DirectSink`: a frame sent now goes straight out."""
+        raw = self._raw
+        return raw is not None and not self._closed and not raw.closed() and not raw.writing()
+
+    def send_now(self, data: bytes) -> None:
+        """:class:`~sseproxy.session.DirectSink`: send without waiting (after :meth:`ready`);
+        the rest, if any, waits in the write buffer and the next :meth:`send` behind it."""
+        if data and self._raw is not None:
+            self._send_direct(self._raw, data)
+
+    def _send_direct(self, raw: IOStream, data: bytes) -> asyncio.Future[None] | None:
+        """Send a frame on the socket; the write of what the kernel did not take, if any."""
+        frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
+        try:
+            sent = raw.socket.send(frame)
+        except BlockingIOError:
+            sent = 0
+        except OSError as exc:
+            raw.close(exc_info=exc)  # tells the handler (on_connection_close)
+            raise ClientGone from None
+        if sent < len(frame):
+            return raw.write(memoryview(frame)[sent:])
+        return None
 
     async def _wait_written(self, start: Callable[[], asyncio.Future[None]]) -> None:
         try:

@@ -6,13 +6,16 @@ A :class:`StreamSession` runs two coroutines:
   deltas and puts them in a bounded :class:`Channel`, ending with an end or a
   failure item. When the channel is full the pump waits, so a slow client
   slows the upstream read instead of growing memory;
-* the *writer* (:meth:`StreamSession.relay`, run by the handler) is the only
-  code that writes to the client: it takes every item that is ready, turns
-  them into bytes with a :class:`~sseproxy.frames.Frames` format, writes them
-  in one write and waits for the flush (backpressure, and the way a closed
-  client is noticed). When nothing arrives for ``heartbeat.interval_s`` it
-  writes a ``: ping`` comment instead; since it is the only writer, a ping
-  never lands inside a frame.
+* the *writer* (:meth:`StreamSession.relay`, run by the handler) writes to the
+  client: it takes every item that is ready, turns them into bytes with a
+  :class:`~sseproxy.frames.Frames` format, writes them in one write and waits
+  for the flush (backpressure, and the way a closed client is noticed). When
+  nothing arrives for ``heartbeat.interval_s`` it writes a ``: ping`` comment
+  instead. With pacing off and a :class:`DirectSink`, a text delta that arrives
+  while the writer idles (nothing queued, nothing being flushed) is written
+  from the upstream callback instead, saving a task switch per token; whatever
+  the socket does not take at once is queued in order, so the writer's next
+  write waits behind it and a ping never lands inside a frame.
 
 When the client goes away (a failed flush, or the handler's
 ``on_connection_close``), the pump is cancelled and the upstream response
@@ -27,7 +30,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 import structlog
 
@@ -82,6 +85,18 @@ class Sink(Protocol):
         """Write and flush; raise :class:`ClientGone` when the client has left."""
 
 
+@runtime_checkable
+class DirectSink(Sink, Protocol):
+    """A sink that can also take a frame at once, without a task switch."""
+
+    def ready(self) -> bool:
+        """Whether a frame written now goes straight out (nothing queued before it)."""
+
+    def send_now(self, data: bytes) -> None:
+        """Write ``data`` now (after :meth:`ready`); what cannot go out at once is queued
+        and the next :meth:`~Sink.send` waits behind it. Raises :class:`ClientGone`."""
+
+
 @dataclass(frozen=True, slots=True)
 class End:
     finish_reason: str
@@ -128,6 +143,12 @@ class Channel:
         fut = self._getter
         if fut is not None and not fut.done():
             fut.set_result(None)
+
+    @property
+    def waiting(self) -> bool:
+        """The consumer waits in ``get_batch`` with nothing queued (and was not woken)."""
+        fut = self._getter
+        return fut is not None and not fut.done() and not self._items
 
     def put_nowait(self, item: Item) -> None:
         self._items.append(item)
@@ -323,6 +344,12 @@ class StreamSession:
         self._open_error: errors.SSEProxyError | None = None
         self._pump_task: asyncio.Task[None] | None = None
         self._last_event_at: float | None = None
+        self._loop = asyncio.get_running_loop()
+        #: Loop time of the last write to the client (heartbeats are owed from it).
+        self._last_write = 0.0
+        #: Set while ``relay`` runs with pacing off and a :class:`DirectSink`: text deltas
+        #: that arrive while the writer idles are written from the upstream callback.
+        self._direct: tuple[DirectSink, Frames] | None = None
         self._logged = False
         metrics.streams_active.inc()
         #: This stream's share of the per-event metrics (summed at each scrape).
@@ -348,6 +375,24 @@ class StreamSession:
             self._up_usage = delta.usage
         if delta.finish_reason is not None:
             self._up_finish = delta.finish_reason
+        direct = self._direct
+        if (direct is not None and delta.content and delta.role is None
+                and self.channel.waiting and direct[0].ready()):
+            # Nothing queued and the writer idle: write it now, without waking the writer
+            # task (the same frame and bookkeeping as the writer's; pacing is off).
+            sink, frames = direct
+            data = frames.text(delta.content)
+            try:
+                sink.send_now(data)
+            except ClientGone:
+                return  # the handler was told (on_connection_close) and ends the stream
+            self._last_write = self._loop.time()
+            self._first_text()
+            self.lags.append(0.0)
+            self.tally.lag(0.0)
+            self._count_events(1)
+            self._count_bytes(len(data))
+            return
         if delta.content or delta.role:
             channel = self.channel
             channel.put_nowait(delta)
@@ -465,10 +510,12 @@ class StreamSession:
         loop = asyncio.get_running_loop()
         pacer = Pacer(self.settings.pacing)
         end: End | Failed | None = None
-        last_write = loop.time()
+        self._last_write = loop.time()
+        if self.settings.pacing.mode == "off" and isinstance(sink, DirectSink):
+            self._direct = (sink, frames)
         try:
             while True:
-                wake = last_write + self.heartbeat_s
+                wake = self._last_write + self.heartbeat_s
                 due = pacer.next_due()
                 if due is not None and due < wake:
                     wake = due
@@ -497,17 +544,18 @@ class StreamSession:
                 parts = [part for part in parts if part]
                 if parts:
                     await self._send_events(sink, parts)
-                    last_write = loop.time()
-                elif now - last_write >= self.heartbeat_s:
+                    self._last_write = loop.time()
+                elif now - self._last_write >= self.heartbeat_s:
                     self.heartbeats += 1
                     self.metrics.heartbeats.inc()
                     await self.write(sink, frames.heartbeat)
-                    last_write = loop.time()
+                    self._last_write = loop.time()
                 if done:
                     break
         except ClientGone:
             self._finish(Outcome.CLIENT_CLOSED)
         finally:
+            self._direct = None  # nothing is written after the writer is done
             self.channel.cancel_timer()
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
@@ -567,6 +615,9 @@ class StreamSession:
     async def _send_events(self, sink: Sink, parts: list[bytes]) -> None:
         """Write events (several due together go in one write) and record their gap."""
         await self.write(sink, b"".join(parts))
+        self._count_events(len(parts))
+
+    def _count_events(self, n: int) -> None:
         now = time.monotonic()
         if self._last_event_at is not None:
             gap = now - self._last_event_at
@@ -574,8 +625,12 @@ class StreamSession:
                 self.max_gap_s = gap
             self.tally.gap(gap)
         self._last_event_at = now
-        self.events += len(parts)
-        self.tally.events += len(parts)
+        self.events += n
+        self.tally.events += n
+
+    def _count_bytes(self, size: int) -> None:
+        self.bytes += size
+        self.tally.bytes += size
 
     async def write(self, sink: Sink, data: bytes) -> None:
         """Write ``data`` to the client through this session (counted, watched for stalls)."""
@@ -584,8 +639,7 @@ class StreamSession:
             await sink.send(data)
         finally:
             self.client_watch.end()
-        self.bytes += len(data)
-        self.tally.bytes += len(data)
+        self._count_bytes(len(data))
 
     def record_body(self, size: int) -> None:
         """A non-streaming reply of ``size`` bytes was written (one event)."""

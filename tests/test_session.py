@@ -64,6 +64,88 @@ async def test_relay_writes_every_delta_then_done(io_loop: Any) -> None:
     assert line[0]["ttft_s"] is not None and line[0]["completion_tokens"] == 2
 
 
+class DirectRecordingSink(RecordingSink):
+    """A sink that can take a frame at once when ``ready``; notes which way each came."""
+
+    def __init__(self, ready: bool = True, fail_now: bool = False) -> None:
+        super().__init__()
+        self.is_ready = ready
+        self.fail_now = fail_now
+        self.ways: list[str] = []
+
+    async def send(self, data: bytes) -> None:
+        await super().send(data)
+        self.ways.append("send")
+
+    def ready(self) -> bool:
+        return self.is_ready
+
+    def send_now(self, data: bytes) -> None:
+        if self.fail_now:
+            raise ClientGone
+        self.writes.append(data)
+        self.ways.append("now")
+
+
+PAUSED = [chunk("", role="assistant"), chunk("a"), 0.05, chunk("b"), 0.05, chunk("c"), 0.05,
+          chunk(finish="stop"), b"data: [DONE]\n\n"]
+
+
+def paced_session(parts: list[Any], mode: str, heartbeat_s: float = 10.0) -> StreamSession:
+    handler, _ = responder(parts=parts)
+    return StreamSession(client(handler), {"model": "m", "messages": []}, stream_id="sid",
+                         settings=settings(heartbeat_s, pacing=config.PacingSettings(mode=mode)),
+                         metrics=Metrics(), endpoint="test")
+
+
+async def test_with_pacing_off_text_is_written_from_the_upstream_callback(io_loop: Any) -> None:
+    # The writer idles between tokens: each text frame goes out from the upstream callback,
+    # and the stream reads exactly as when every frame goes through the writer task.
+    direct, queued = DirectRecordingSink(), DirectRecordingSink(ready=False)
+    with capture_logs() as logs:
+        assert await paced_session(PAUSED, "off").relay(
+            direct, EventSourceFrames("sid", 1000)) is Outcome.COMPLETED
+        assert await paced_session(PAUSED, "off").relay(
+            queued, EventSourceFrames("sid", 1000)) is Outcome.COMPLETED
+    assert direct.ways.count("now") >= 2 and direct.ways[-1] == "send"  # the end: the writer
+    assert set(queued.ways) == {"send"}
+    assert b"".join(direct.writes) == b"".join(queued.writes)
+    assert [e.data for e in direct.events()][:3] == [
+        '{"content":"a"}', '{"content":"b"}', '{"content":"c"}']
+    lines = [e for e in logs if e["event"] == "stream"]
+    for line, sink in zip(lines, (direct, queued)):
+        assert line["events"] == 4 and line["bytes"] == sum(map(len, sink.writes))
+        assert line["ttft_s"] is not None and line["pacing_lag_p99_s"] == 0.0
+
+
+async def test_with_pacing_on_nothing_bypasses_the_pacer(io_loop: Any) -> None:
+    sink = DirectRecordingSink()
+    await paced_session(PAUSED, "smooth").relay(sink, EventSourceFrames("sid", 1000))
+    assert set(sink.ways) == {"send"}
+
+
+async def test_no_heartbeat_while_text_goes_out_from_the_callback(io_loop: Any) -> None:
+    # Heartbeats are owed from the last write, whoever made it.
+    parts = [chunk("", role="assistant")]
+    for i in range(12):
+        parts += [chunk(str(i)), 0.05]
+    parts += [chunk(finish="stop"), b"data: [DONE]\n\n"]
+    sink = DirectRecordingSink()
+    await paced_session(parts, "off", heartbeat_s=0.2).relay(sink, EventSourceFrames("s", 1))
+    assert sink.ways.count("now") >= 6
+    assert not any(w.startswith(b":") for w in sink.writes)
+
+
+async def test_a_client_gone_during_a_callback_write_ends_the_stream(io_loop: Any) -> None:
+    sink = DirectRecordingSink(fail_now=True)
+    s = paced_session([chunk("", role="assistant"), chunk("a"), 0.05, chunk("b"), 30.0], "off")
+    task = asyncio.create_task(s.relay(sink, EventSourceFrames("sid", 1000)))
+    await asyncio.sleep(0.2)
+    s.client_closed()  # what the handler's on_connection_close does
+    assert await asyncio.wait_for(task, 5) is Outcome.CLIENT_CLOSED
+    assert "now" not in sink.ways
+
+
 async def test_heartbeat_during_a_pause_never_splits_a_frame(io_loop: Any) -> None:
     s, _ = session_for([chunk("a"), 0.35, chunk("b"), chunk(finish="stop"), b"data: [DONE]\n\n"],
                        heartbeat_s=0.05)
