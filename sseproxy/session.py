@@ -350,6 +350,8 @@ class StreamSession:
         #: Set while ``relay`` runs with pacing off and a :class:`DirectSink`: text deltas
         #: that arrive while the writer idles are written from the upstream callback.
         self._direct: tuple[DirectSink, Frames] | None = None
+        #: Frames of the current upstream read, written when the read has been parsed.
+        self._held: list[bytes] = []
         self._logged = False
         metrics.streams_active.inc()
         #: This stream's share of the per-event metrics (summed at each scrape).
@@ -378,26 +380,36 @@ class StreamSession:
         direct = self._direct
         if (direct is not None and delta.content and delta.role is None
                 and self.channel.waiting and direct[0].ready()):
-            # Nothing queued and the writer idle: write it now, without waking the writer
-            # task (the same frame and bookkeeping as the writer's; pacing is off).
-            sink, frames = direct
-            data = frames.text(delta.content)
-            try:
-                sink.send_now(data)
-            except ClientGone:
-                return  # the handler was told (on_connection_close) and ends the stream
-            self._last_write = self._loop.time()
+            # Nothing queued and the writer idle: the frame is written at the end of this
+            # read (with the others of the same read), without waking the writer task.
+            # The same frame and bookkeeping as the writer's; pacing is off.
+            self._held.append(direct[1].text(delta.content))
             self._first_text()
             self.lags.append(0.0)
             self.tally.lag(0.0)
-            self._count_events(1)
-            self._count_bytes(len(data))
             return
+        if self._held:
+            self._send_held()  # what came before goes first
         if delta.content or delta.role:
             channel = self.channel
             channel.put_nowait(delta)
             if channel.full and self._chat is not None:
                 self._chat.pause()  # a slow client slows the upstream read, not memory
+
+    def _send_held(self) -> None:
+        """Write the frames held during this upstream read, in one write."""
+        held, self._held = self._held, []
+        direct = self._direct
+        if not held or direct is None:
+            return
+        data = b"".join(held)
+        try:
+            direct[0].send_now(data)
+        except ClientGone:
+            return  # the handler was told (on_connection_close) and ends the stream
+        self._last_write = self._loop.time()
+        self._count_events(len(held))
+        self._count_bytes(len(data))
 
     def _channel_has_space(self) -> None:
         if self._chat is not None:
@@ -415,7 +427,7 @@ class StreamSession:
             self._count_upstream(chat.status, None)
             async with chat:
                 self._accepted.set()
-                await chat.run(self._on_delta)
+                await chat.run(self._on_delta, self._send_held)
             self.channel.put_nowait(End(self._up_finish or "stop", self._up_usage))
         except errors.SSEProxyError as exc:
             self._fail(exc)

@@ -166,6 +166,7 @@ class ChatStream:
         self.waits: Waits | None = None
         self._decoder: Decoder | None = None
         self._on_delta: Callable[[Delta], None] | None = None
+        self._on_read: Callable[[], None] | None = None
         self._first = True
         self._finished = False
         self._done = False
@@ -295,11 +296,14 @@ class ChatStream:
             if resumed is not None and not resumed.done():
                 resumed.set_result(None)
 
-    async def run(self, on_delta: Callable[[Delta], None]) -> None:
+    async def run(self, on_delta: Callable[[Delta], None],
+                  on_read: Callable[[], None] | None = None) -> None:
         """Pass each delta of the reply to ``on_delta`` until ``[DONE]`` (or a finish reason
         and the end of the body); raise the mapped error when the reply fails.
 
         ``on_delta`` runs synchronously as bytes arrive; it may call :meth:`pause`.
+        ``on_read``, when given, is called after the deltas of each read (a burst of
+        tokens arrives in one read), also when the read ended the reply or broke it.
         """
         if self._response is None:
             await self.connect()
@@ -307,6 +311,7 @@ class ChatStream:
         assert response is not None
         self._decoder = Decoder(max_event_bytes=self._max_event_bytes)
         self._on_delta = on_delta
+        self._on_read = on_read
         try:
             body = response.extensions.get("sseproxy_body")
             if isinstance(body, h1.Body):
@@ -332,6 +337,13 @@ class ChatStream:
 
     def _feed(self, data: bytes) -> bool:
         """Decode ``data`` and pass its deltas on; True once ``[DONE]`` came."""
+        try:
+            return self._deliver(data)
+        finally:
+            if self._on_read is not None:
+                self._on_read()
+
+    def _deliver(self, data: bytes) -> bool:
         assert self._decoder is not None and self._on_delta is not None
         try:
             events = self._decoder.feed(data)

@@ -118,6 +118,19 @@ async def test_with_pacing_off_text_is_written_from_the_upstream_callback(io_loo
         assert line["ttft_s"] is not None and line["pacing_lag_p99_s"] == 0.0
 
 
+async def test_tokens_of_one_upstream_read_go_out_in_one_write(io_loop: Any) -> None:
+    burst = [chunk("", role="assistant"), 0.05, chunk("a") + chunk("b") + chunk("c"), 0.05,
+             chunk(finish="stop"), b"data: [DONE]\n\n"]
+    sink = DirectRecordingSink()
+    with capture_logs() as logs:
+        await paced_session(burst, "off").relay(sink, EventSourceFrames("sid", 1000))
+    assert sink.ways == ["now", "send"]  # abc (a role writes nothing here), then the end
+    assert [e.data for e in sse.Decoder().feed(sink.writes[0])] == [
+        '{"content":"a"}', '{"content":"b"}', '{"content":"c"}']
+    line = next(e for e in logs if e["event"] == "stream")
+    assert line["events"] == 4 and line["bytes"] == sum(map(len, sink.writes))
+
+
 async def test_with_pacing_on_nothing_bypasses_the_pacer(io_loop: Any) -> None:
     sink = DirectRecordingSink()
     await paced_session(PAUSED, "smooth").relay(sink, EventSourceFrames("sid", 1000))

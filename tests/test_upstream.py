@@ -58,6 +58,24 @@ async def test_no_authorization_header_without_a_key(io_loop: Any) -> None:
     assert "Authorization" not in seen[0].headers
 
 
+async def test_on_read_follows_the_deltas_of_each_read(io_loop: Any) -> None:
+    handler, _ = responder(parts=[chunk("a") + chunk("b"), chunk("c"),
+                                  b"data: [DONE]\n\n"])
+    seen: list[str] = []
+    async with client(handler).open({"model": "m", "messages": []}) as s:
+        await s.run(lambda d: seen.append(d.content), lambda: seen.append("|"))
+    assert seen == ["a", "b", "|", "c", "|", "|"]
+
+
+async def test_on_read_runs_when_a_read_breaks_the_reply(io_loop: Any) -> None:
+    handler, _ = responder(parts=[chunk("a") + b"data: {broken\n\n"])
+    seen: list[str] = []
+    with pytest.raises(errors.MalformedFrame):
+        async with client(handler).open({"model": "m", "messages": []}) as s:
+            await s.run(lambda d: seen.append(d.content), lambda: seen.append("|"))
+    assert seen == ["a", "|"]
+
+
 async def test_no_cookie_from_one_request_reaches_the_next(io_loop: Any) -> None:
     # The upstream client is shared by every user of the process: what the API sets for
     # one request (a load balancer's cookie, say) must not ride along on the next.
