@@ -162,11 +162,14 @@ class StreamingHandler(BaseHandler):
         Tornado's write buffer (which keeps the order: the direct send is tried only when
         that buffer is empty).
         """
-        if not data:
-            return  # (an empty chunk would end a chunked body)
         if not self._raw_known and self._headers_written:
             self._raw, self._raw_known = self._raw_stream(), True
         raw = self._raw
+        if not data:
+            # (an empty chunk would end a chunked body) Wait for what is queued, if any.
+            if raw is not None and raw.writing():
+                await self._wait_written(lambda: raw.write(b""))
+            return
         if raw is not None:
             if self._closed or raw.closed():
                 raise ClientGone
@@ -183,11 +186,12 @@ class StreamingHandler(BaseHandler):
         raw = self._raw
         return raw is not None and not self._closed and not raw.closed() and not raw.writing()
 
-    def send_now(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> bool:
         """:class:`~sseproxy.session.DirectSink`: send without waiting (after :meth:`ready`);
         the rest, if any, waits in the write buffer and the next :meth:`send` behind it."""
-        if data and self._raw is not None:
-            self._send_direct(self._raw, data)
+        if not data or self._raw is None:
+            return True
+        return self._send_direct(self._raw, data) is None
 
     def _send_direct(self, raw: IOStream, data: bytes) -> asyncio.Future[None] | None:
         """Send a frame on the socket; the write of what the kernel did not take, if any."""

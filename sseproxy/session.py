@@ -82,7 +82,8 @@ class ClientGone(Exception):
 
 class Sink(Protocol):
     async def send(self, data: bytes) -> None:
-        """Write and flush; raise :class:`ClientGone` when the client has left."""
+        """Write and flush (``b""``: wait for what was written before); raise
+        :class:`ClientGone` when the client has left."""
 
 
 @runtime_checkable
@@ -92,9 +93,10 @@ class DirectSink(Sink, Protocol):
     def ready(self) -> bool:
         """Whether a frame written now goes straight out (nothing queued before it)."""
 
-    def send_now(self, data: bytes) -> None:
-        """Write ``data`` now (after :meth:`ready`); what cannot go out at once is queued
-        and the next :meth:`~Sink.send` waits behind it. Raises :class:`ClientGone`."""
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` now (after :meth:`ready`); whether it all went out. What did not
+        is queued, and the next :meth:`~Sink.send` waits behind it (``send(b"")`` waits
+        for it alone). Raises :class:`ClientGone`."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -108,7 +110,15 @@ class Failed:
     error: errors.SSEProxyError
 
 
-Item = Delta | End | Failed
+@dataclass(frozen=True, slots=True)
+class Drain:
+    """A frame written from the upstream callback did not go out whole: the writer waits
+    until it has (watched for a client stall, as any write of its own)."""
+
+
+DRAIN = Drain()
+
+Item = Delta | End | Failed | Drain
 
 
 class Channel:
@@ -404,9 +414,11 @@ class StreamSession:
             return
         data = b"".join(held)
         try:
-            direct[0].send_now(data)
+            whole = direct[0].send_now(data)
         except ClientGone:
             return  # the handler was told (on_connection_close) and ends the stream
+        if not whole:
+            self.channel.put_nowait(DRAIN)
         self._last_write = self._loop.time()
         self._count_events(len(held))
         self._count_bytes(len(data))
@@ -534,6 +546,7 @@ class StreamSession:
                 items = await self.channel.get_batch(wake)
                 now = loop.time()
                 parts: list[bytes] = []
+                drain = False
                 for item in items or ():
                     if isinstance(item, Delta):
                         if item.role is not None:
@@ -541,6 +554,8 @@ class StreamSession:
                             parts.append(frames.delta(Delta(role=item.role)))
                         if item.content:
                             pacer.push(item.content, now)
+                    elif isinstance(item, Drain):
+                        drain = True
                     elif end is None:
                         end = item
                         pacer.finish(now)
@@ -557,6 +572,8 @@ class StreamSession:
                 if parts:
                     await self._send_events(sink, parts)
                     self._last_write = loop.time()
+                elif drain:
+                    await self.write(sink, b"")  # waits until what is queued has gone out
                 elif now - self._last_write >= self.heartbeat_s:
                     self.heartbeats += 1
                     self.metrics.heartbeats.inc()
@@ -606,7 +623,7 @@ class StreamSession:
                         self.finish_reason, self.usage = item.finish_reason, item.usage
                         self._finish(Outcome.COMPLETED)
                         return "".join(text)
-                    else:
+                    elif isinstance(item, Failed):
                         self.error = item.error
                         self._finish(outcome_of(item.error))
                         raise item.error

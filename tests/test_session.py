@@ -80,11 +80,12 @@ class DirectRecordingSink(RecordingSink):
     def ready(self) -> bool:
         return self.is_ready
 
-    def send_now(self, data: bytes) -> None:
+    def send_now(self, data: bytes) -> bool:
         if self.fail_now:
             raise ClientGone
         self.writes.append(data)
         self.ways.append("now")
+        return True
 
 
 PAUSED = [chunk("", role="assistant"), chunk("a"), 0.05, chunk("b"), 0.05, chunk("c"), 0.05,
@@ -129,6 +130,45 @@ async def test_tokens_of_one_upstream_read_go_out_in_one_write(io_loop: Any) -> 
         '{"content":"a"}', '{"content":"b"}', '{"content":"c"}']
     line = next(e for e in logs if e["event"] == "stream")
     assert line["events"] == 4 and line["bytes"] == sum(map(len, sink.writes))
+
+
+async def test_a_callback_write_that_did_not_go_out_whole_is_waited_for(io_loop: Any) -> None:
+    # The model pauses right after a frame the socket took only in part: the writer waits
+    # for the rest (as for any write of its own), so a client that stopped reading is
+    # watched for a stall now, not at the next token or heartbeat.
+    class Partial(DirectRecordingSink):
+        def __init__(self) -> None:
+            super().__init__()
+            self.drained = asyncio.Event()
+            self.watched: list[bool] = []
+
+        def send_now(self, data: bytes) -> bool:
+            super().send_now(data)
+            self.is_ready = False  # the rest waits in the write buffer
+            return False
+
+        async def send(self, data: bytes) -> None:
+            if not data:
+                self.watched.append(s.client_watch.since is not None)
+                await self.drained.wait()
+                self.is_ready = True
+            await super().send(data)
+
+    sink = Partial()
+    s = paced_session([chunk("", role="assistant"), 0.05, chunk("a"), 30.0], "off")
+    task = asyncio.create_task(s.relay(sink, EventSourceFrames("sid", 1000)))
+    try:
+        for _ in range(100):
+            if sink.watched:
+                break
+            await asyncio.sleep(0.01)
+        assert sink.ways == ["now"] and sink.watched == [True]
+        sink.drained.set()
+        await asyncio.sleep(0.05)
+        assert s.client_watch.since is None
+    finally:
+        s.client_closed()
+        assert await asyncio.wait_for(task, 5) is Outcome.CLIENT_CLOSED
 
 
 async def test_with_pacing_on_nothing_bypasses_the_pacer(io_loop: Any) -> None:
