@@ -116,9 +116,11 @@ class OpenAIFrames:
         self._template: tuple[str, bytes, bytes] | None = None
         self._final = reported is None
 
+    def _reported_model(self) -> str | None:
+        return self._reported() if self._reported is not None else None
+
     def model(self) -> str:
-        reported = self._reported() if self._reported is not None else None
-        return reported or self._model
+        return self._reported_model() or self._model
 
     def _chunk(self, choices: list[dict[str, Any]], usage: Any = None) -> bytes:
         chunk: dict[str, Any] = {
@@ -141,7 +143,7 @@ class OpenAIFrames:
         return template[1] + _json_string(content).encode() + template[2]
 
     def _content_template(self) -> tuple[str, bytes, bytes]:
-        reported = self._reported() if self._reported is not None else None
+        reported = self._reported_model()
         model = reported or self._model
         template = self._template
         if template is None or template[0] != model:

@@ -91,16 +91,14 @@ class StreamTally:
             self.lags[i] += n
 
 
-def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int] | None,
-               total: float) -> HistogramMetricFamily:
-    if counts is None:
-        return HistogramMetricFamily(name, doc)
+def _histogram(name: str, doc: str, bounds: Sequence[float], counts: Sequence[int],
+               total_ns: int) -> HistogramMetricFamily:
     buckets: list[tuple[str, float]] = []
     seen = 0
     for bound, n in zip([*map(str, bounds), "+Inf"], counts):
         seen += n
         buckets.append((bound, seen))
-    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total)
+    return HistogramMetricFamily(name, doc, buckets=buckets, sum_value=total_ns / 1e9)
 
 
 class Tallies:
@@ -125,7 +123,7 @@ class Tallies:
             self.ended.add(tally)
 
     def describe(self) -> Iterator[Metric]:
-        return self._families(None)
+        return self._families(StreamTally())  # the names; the registry ignores the values
 
     def collect(self) -> Iterator[Metric]:
         total = StreamTally()
@@ -134,21 +132,20 @@ class Tallies:
             total.add(tally)
         return self._families(total)
 
-    def _families(self, t: StreamTally | None) -> Iterator[Metric]:
+    def _families(self, t: StreamTally) -> Iterator[Metric]:
         yield CounterMetricFamily(
             "sseproxy_events_sent", "Events written to clients (heartbeats excluded).",
-            value=None if t is None else t.events)
+            value=t.events)
         yield CounterMetricFamily(
-            "sseproxy_sent_bytes", "Bytes of stream bodies written to clients.",
-            value=None if t is None else t.bytes)
+            "sseproxy_sent_bytes", "Bytes of stream bodies written to clients.", value=t.bytes)
         yield _histogram(
             "sseproxy_event_gap_seconds",
             "Time between two consecutive events written to one client (heartbeats excluded).",
-            GAP_BUCKETS, None if t is None else t.gaps, 0.0 if t is None else t.gap_ns / 1e9)
+            GAP_BUCKETS, t.gaps, t.gap_ns)
         yield _histogram(
             "sseproxy_pacing_lag_seconds",
             "Time text waited in the pacer: a piece's send time minus its oldest text's arrival.",
-            LAG_BUCKETS, None if t is None else t.lags, 0.0 if t is None else t.lag_ns / 1e9)
+            LAG_BUCKETS, t.lags, t.lag_ns)
 
 
 def upstream_status_label(status: int | None, timed_out: bool = False) -> str:

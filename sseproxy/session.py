@@ -394,9 +394,7 @@ class StreamSession:
             # read (with the others of the same read), without waking the writer task.
             # The same frame and bookkeeping as the writer's; pacing is off.
             self._held.append(direct[1].text(delta.content))
-            self._first_text()
-            self.lags.append(0.0)
-            self.tally.lag(0.0)
+            self._text_sent(0.0)
             return
         if self._held:
             self._send_held()  # what came before goes first
@@ -561,10 +559,7 @@ class StreamSession:
                         pacer.finish(now)
                 for piece in pacer.pull(now):
                     parts.append(frames.text(piece.text))
-                    self._first_text()
-                    lag = max(0.0, now - piece.arrived)
-                    self.lags.append(lag)
-                    self.tally.lag(lag)
+                    self._text_sent(max(0.0, now - piece.arrived))
                 done = end is not None and not pacer.pending
                 if done:
                     parts.append(self._end_frame(end, frames))
@@ -635,6 +630,12 @@ class StreamSession:
             if self.outcome is None:
                 self._finish(Outcome.CANCELLED)
             await self.stop()
+
+    def _text_sent(self, lag: float) -> None:
+        """A text frame is on its way; ``lag``: how long its text waited in the pacer."""
+        self._first_text()
+        self.lags.append(lag)
+        self.tally.lag(lag)
 
     def _first_text(self) -> None:
         if self.ttft_s is None:
