@@ -127,6 +127,25 @@ class Persona:
     title: str | None = None
 
 
+#: The personas sseproxy has when its configuration has no ``[personas]`` table, so that a
+#: first ``make run`` can try them (``deploy/sseproxy.toml`` lists the same three). A
+#: ``[personas]`` table, even an empty one, replaces them all.
+EXAMPLE_PERSONAS: Mapping[str, Persona] = types.MappingProxyType({
+    "fortune-teller": Persona(
+        title="Fortune teller",
+        system="You are a fortune teller at a village fair. Answer every question as a "
+               "prophecy: vivid, kind and a little mysterious, and end with one piece of "
+               "practical advice."),
+    "pirate": Persona(
+        title="Pirate",
+        system="You are a cheerful pirate. Answer every question in pirate speak."),
+    "concise": Persona(
+        title="Concise assistant",
+        system="You are a helpful assistant. Answer briefly and precisely; use lists when "
+               "useful."),
+})
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -137,7 +156,7 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
-    personas: Mapping[str, Persona] = field(default_factory=dict)
+    personas: Mapping[str, Persona] = field(default_factory=lambda: dict(EXAMPLE_PERSONAS))
     #: The file these settings were read from, if any (SIGHUP re-reads it).
     source: str | None = None
 
@@ -317,7 +336,7 @@ def load(
     raw = read_file(path) if path else {}
 
     merged: dict[str, dict[str, tuple[Any, bool]]] = {s: {} for s in SECTIONS}
-    personas: dict[str, Persona] = {}
+    personas = dict(EXAMPLE_PERSONAS)  # unless the file has a [personas] table
     for section, table in raw.items():
         if section == "personas":
             personas = _personas(table)
