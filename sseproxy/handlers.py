@@ -22,10 +22,11 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
-from . import __version__, errors, validate
+from . import __version__, errors, models, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
 from .metrics import Metrics
+from .models import ModelCatalog
 from .session import ClientGone, Outcome, StallMonitor, StreamSession
 from .upstream import UpstreamClient
 
@@ -75,6 +76,7 @@ class Deps:
     slots: StreamSlots
     metrics: Metrics
     monitor: StallMonitor
+    models: ModelCatalog
 
 
 def new_stream_id() -> str:
@@ -477,6 +479,20 @@ class ReadyHandler(BaseHandler):
             self.set_status(503)
         self.finish({"status": "draining" if slots.draining else "ready",
                      "streams": slots.active})
+
+
+class ModelsHandler(BaseHandler):
+    """``GET /v1/models``: the upstream's model list, or sseproxy's own (see models.py)."""
+
+    async def get(self) -> None:
+        self.finish(await self.deps.models.models(self.cfg))
+
+
+class PersonasHandler(BaseHandler):
+    """``GET /v1/personas``: each persona's name, title and model, never its prompt."""
+
+    async def get(self) -> None:
+        self.finish(models.personas(self.cfg))
 
 
 class MetricsHandler(BaseHandler):
