@@ -241,6 +241,22 @@ async def test_openai_endpoint_turns_upstream_refusals_into_http_errors(
     assert "text/event-stream" not in resp.headers["Content-Type"]
 
 
+@pytest.mark.parametrize("upstream_status", [401, 403])
+async def test_a_refused_upstream_key_is_a_server_error_on_both_endpoints(
+    io_loop: Any, upstream_status: int
+) -> None:
+    # issue 12: sseproxy's own key was refused; the client's request was fine
+    async with running(Scenario(error_status=upstream_status)) as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", json={"messages": CHAT})
+        es = await stream("GET", es_url(r.url))
+    assert resp.status_code == 502
+    assert resp.json()["error"]["type"] == "server_error"
+    assert resp.json()["error"]["code"] == "upstream_auth_failed"
+    error = json.loads(es.events[-1].data)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "upstream_auth_failed")
+
+
 async def test_unreachable_upstream_is_502(io_loop: Any) -> None:
     sock = socket.socket()
     sock.bind(("127.0.0.1", 0))
