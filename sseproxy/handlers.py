@@ -496,13 +496,16 @@ class PersonasHandler(BaseHandler):
 
 
 class MetricsHandler(BaseHandler):
-    """``GET /metrics`` in the Prometheus text format."""
+    """``GET /metrics`` in the Prometheus text format; ``HEAD`` gives the same headers
+    without the body (Tornado drops it)."""
 
     async def get(self) -> None:
         body, content_type = self.deps.metrics.exposition()
         self.set_header("Content-Type", content_type)
         self.set_header("Cache-Control", "no-store")
         self.finish(body)
+
+    head = get
 
 
 class NotFoundHandler(BaseHandler):

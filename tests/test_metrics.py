@@ -15,8 +15,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from fakes import chunk, client, responder
 from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
+from tornado.testing import bind_unused_port
 
-from sseproxy import config, metrics
+from sseproxy import app, config, metrics
 from sseproxy.frames import EventSourceFrames
 from sseproxy.metrics import Metrics
 from sseproxy.mockupstream import Scenario
@@ -46,6 +47,33 @@ async def scrape(r: Running) -> str:
         resp = await c.get(r.url + "/metrics")
     assert resp.status_code == 200
     return resp.text
+
+
+@pytest.mark.parametrize("separate_port", [False, True])
+async def test_head_metrics_answers_the_get_headers_without_a_body(
+    io_loop: Any, separate_port: bool
+) -> None:
+    # issue 12: HEAD /metrics was 405
+    async with running() as r:
+        url = r.url
+        if separate_port:
+            server = app.make_server(app.make_metrics_app(r.deps), r.settings)
+            sock, port = bind_unused_port()
+            server.add_sockets([sock])
+            url = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient() as c:
+                get = await c.get(url + "/metrics")
+                head = await c.head(url + "/metrics")
+        finally:
+            if separate_port:
+                server.stop()
+                await server.close_all_connections()
+    assert (get.status_code, head.status_code) == (200, 200)
+    assert head.content == b"" and int(head.headers["Content-Length"]) > 0
+    varying = {"date", "content-length", "etag", "x-request-id"}
+    assert {k: v for k, v in head.headers.items() if k not in varying} == {
+        k: v for k, v in get.headers.items() if k not in varying}
 
 
 def test_every_labelled_series_exists_at_zero() -> None:
