@@ -114,6 +114,27 @@ async def test_openai_sdk_without_streaming(io_loop: Any) -> None:
     assert reply.usage is not None and reply.usage.completion_tokens == 10
 
 
+async def test_a_reply_cut_by_max_tokens_ends_with_finish_reason_length(io_loop: Any) -> None:
+    # issue 12: the simulator stops at max_tokens as real models do; sseproxy relays "length"
+    scenario = Scenario(rate=0, tokens=12)
+    async with running(pacing__mode="smooth") as r:
+        client = sdk(r)
+        stream_ = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT, stream=True,  # type: ignore[arg-type]
+            max_tokens=4)
+        pieces, finish = [], None
+        async for chunk in stream_:
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        whole = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT,  # type: ignore[arg-type]
+            max_completion_tokens=4)
+        await client.close()
+    assert "".join(pieces) == "".join(make_tokens(scenario)[:4])
+    assert finish == "length" == whole.choices[0].finish_reason
+
+
 async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: Any) -> None:
     async with running() as r:
         client = sdk(r)
