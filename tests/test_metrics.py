@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -17,7 +18,7 @@ from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
 from tornado.testing import bind_unused_port
 
-from sseproxy import app, config, metrics
+from sseproxy import __version__, app, config, metrics
 from sseproxy.frames import EventSourceFrames
 from sseproxy.metrics import Metrics
 from sseproxy.mockupstream import Scenario
@@ -34,7 +35,7 @@ def value(r: Running | Metrics, name: str, **labels: str) -> float:
     return got
 
 
-def outcomes(logs: list[dict[str, Any]]) -> list[str]:
+def outcomes(logs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [e["outcome"] for e in logs if e["event"] == "stream"]
 
 
@@ -85,7 +86,7 @@ def test_every_labelled_series_exists_at_zero() -> None:
         assert value(m, "sseproxy_streams_stalled", side=side) == 0
     for status in metrics.UPSTREAM_STATUSES:
         assert value(m, "sseproxy_upstream_requests_total", status=status) == 0
-    assert value(m, "sseproxy_build_info", version=metrics.__version__) == 1
+    assert value(m, "sseproxy_build_info", version=__version__) == 1
     assert value(m, "process_resident_memory_bytes") > 0
 
 
@@ -100,7 +101,7 @@ def test_upstream_status_labels_are_bounded(status: int | None, label: str) -> N
 # --- outcomes: the counter and the log line agree ------------------------------------------
 
 
-async def check_outcome(r: Running, logs: list[dict[str, Any]], outcome: str) -> None:
+async def check_outcome(r: Running, logs: Sequence[Mapping[str, Any]], outcome: str) -> None:
     await asyncio.sleep(0.05)
     assert outcomes(logs) == [outcome]
     for other in metrics.OUTCOMES:

@@ -688,15 +688,15 @@ async def test_the_openai_sdk_understands_the_simulator(io_loop: Any) -> None:
     assert usage is not None and usage.completion_tokens == 8
 
 
-@pytest.mark.parametrize("limits, cut", [
-    ({"max_tokens": 5}, 5),
-    ({"max_completion_tokens": 3}, 3),
-    ({"max_tokens": 6, "max_completion_tokens": 4}, 4),
-    ({"max_tokens": 8}, None),  # the reply is no longer than that: a natural stop
-    ({"max_tokens": 100}, None),
+@pytest.mark.parametrize("max_tokens, max_completion_tokens, cut", [
+    (5, None, 5),
+    (None, 3, 3),
+    (6, 4, 4),
+    (8, None, None),  # the reply is no longer than that: a natural stop
+    (100, None, None),
 ])
 async def test_max_tokens_stops_the_reply_there_with_finish_reason_length(
-    io_loop: Any, limits: dict[str, int], cut: int | None
+    io_loop: Any, max_tokens: int | None, max_completion_tokens: int | None, cut: int | None
 ) -> None:
     # issue 12: the simulator ignored max_tokens
     server, port = await mockupstream.start(Scenario(rate=0, tokens=8))
@@ -705,7 +705,8 @@ async def test_max_tokens_stops_the_reply_there_with_finish_reason_length(
     try:
         stream = await sdk.chat.completions.create(
             model="mock", messages=[{"role": "user", "content": "hi"}], stream=True,
-            stream_options={"include_usage": True}, **limits)  # type: ignore[call-overload]
+            stream_options={"include_usage": True}, max_tokens=max_tokens,
+            max_completion_tokens=max_completion_tokens)
         parts, finish, usage = [], None, None
         async for chunk in stream:
             if chunk.choices:
@@ -713,8 +714,8 @@ async def test_max_tokens_stops_the_reply_there_with_finish_reason_length(
                 finish = chunk.choices[0].finish_reason or finish
             usage = chunk.usage or usage
         whole = await sdk.chat.completions.create(
-            model="mock", messages=[{"role": "user", "content": "hi"}],
-            **limits)  # type: ignore[call-overload]
+            model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens,
+            max_completion_tokens=max_completion_tokens)
     finally:
         await sdk.close()
         server.stop()

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from servers import running, silent_client, stream
 from structlog.testing import capture_logs
 
@@ -23,7 +24,7 @@ from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
 FAST = Scenario(rate=0, tokens=12)
-CHAT = [{"role": "user", "content": "hi"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def es_url(base: str, prompt: str = "hi", **query: str) -> str:
@@ -85,7 +86,7 @@ async def test_openai_sdk_streams_the_exact_text(io_loop: Any) -> None:
     async with running() as r:
         client = sdk(r)
         stream_ = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT, stream=True,  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT, stream=True,
             stream_options={"include_usage": True})
         pieces, finish, usage, ids = [], None, None, set()
         async for chunk in stream_:
@@ -107,7 +108,7 @@ async def test_openai_sdk_without_streaming(io_loop: Any) -> None:
     async with running() as r:
         client = sdk(r)
         reply = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT)  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT)
         await client.close()
     assert reply.choices[0].message.content == "".join(make_tokens(scenario))
     assert reply.choices[0].finish_reason == "stop"
@@ -120,7 +121,7 @@ async def test_a_reply_cut_by_max_tokens_ends_with_finish_reason_length(io_loop:
     async with running(pacing__mode="smooth") as r:
         client = sdk(r)
         stream_ = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT, stream=True,  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT, stream=True,
             max_tokens=4)
         pieces, finish = [], None
         async for chunk in stream_:
@@ -128,7 +129,7 @@ async def test_a_reply_cut_by_max_tokens_ends_with_finish_reason_length(io_loop:
                 pieces.append(choice.delta.content or "")
                 finish = choice.finish_reason or finish
         whole = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT,  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT,
             max_completion_tokens=4)
         await client.close()
     assert "".join(pieces) == "".join(make_tokens(scenario)[:4])
@@ -140,19 +141,19 @@ async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: An
         client = sdk(r)
         with pytest.raises(openai.RateLimitError) as limited:
             await client.chat.completions.create(
-                model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
+                model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,
                 stream=True)
         assert limited.value.response.headers["Retry-After"] == "3"
         with pytest.raises(openai.APIError) as mid_stream:
             s = await client.chat.completions.create(
                 model=Scenario(rate=0, error_at=2, error_code="overloaded_now").to_model(),
-                messages=CHAT, stream=True)  # type: ignore[arg-type]
+                messages=CHAT, stream=True)
             async for _ in s:
                 pass
         assert mid_stream.value.code == "overloaded_now"
         with pytest.raises(openai.BadRequestError, match="unknown persona"):
             await client.chat.completions.create(
-                model="x", messages=CHAT, extra_body={"persona": "ninja"})  # type: ignore[arg-type]  # noqa: E501
+                model="x", messages=CHAT, extra_body={"persona": "ninja"})
         await client.close()
 
 
