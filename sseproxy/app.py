@@ -26,6 +26,7 @@ from .config import Settings
 from .errors import ConfigError
 from .handlers import Deps, StreamSlots
 from .metrics import Metrics
+from .models import ModelCatalog
 from .session import StallMonitor
 from .upstream import UpstreamClient, make_transport
 
@@ -55,6 +56,8 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
     routes: list[Any] = [
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, route),
         (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
+        (r"/v1/models", handlers.ModelsHandler, route),
+        (r"/v1/personas", handlers.PersonasHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
     ]
@@ -101,7 +104,8 @@ async def build_deps(
     slots = StreamSlots(settings.limits.max_streams)
     deps = Deps(settings=settings, upstream=upstream, slots=slots,
                 metrics=metrics if metrics is not None else Metrics(),
-                monitor=StallMonitor(slots.sessions, lambda: deps.settings))
+                monitor=StallMonitor(slots.sessions, lambda: deps.settings),
+                models=ModelCatalog(upstream))
     deps.monitor.start()
     return deps
 

@@ -54,9 +54,9 @@ class ServerSettings:
     retry_ms: int = field(default=3000, metadata=_range(0, 3_600_000))
     #: gzip for ordinary (non-stream) responses; streams are never compressed.
     compress_response: bool = True
-    #: ``asyncio`` (default), ``uvloop`` (``pip install 'sseproxy[uvloop]'``: ~10 % less CPU
-    #: per event, but p99 spikes under heavy load in one full benchmark run, so opt-in), or
-    #: ``auto``: uvloop when it is installed.
+    #: ``asyncio`` (default), ``uvloop`` (``pip install 'sseproxy[uvloop]'``: within 1-3 % of
+    #: asyncio's CPU per event since sseproxy reads the upstream on its own protocol, so
+    #: opt-in), or ``auto``: uvloop when it is installed.
     event_loop: str = field(default="asyncio", metadata=_choice("asyncio", "uvloop", "auto"))
 
 
@@ -98,7 +98,9 @@ class LimitsSettings:
     max_messages: int = field(default=256, metadata=_range(1, 100_000))
     #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
     max_prompt_chars: int = field(default=100_000, metadata=_range(1, 1 << 30))
-    #: Largest single SSE event accepted from the upstream (UTF-8 bytes).
+    #: Largest single SSE event accepted from the upstream, counted in characters (code
+    #: points, as the decoder holds them), so up to 4x as many UTF-8 bytes; the name says
+    #: bytes because for the ASCII JSON of OpenAI chunks the two are the same.
     max_event_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
 
 
@@ -127,6 +129,25 @@ class Persona:
     title: str | None = None
 
 
+#: The personas sseproxy has when its configuration has no ``[personas]`` table, so that a
+#: first ``make run`` can try them (``deploy/sseproxy.toml`` lists the same three). A
+#: ``[personas]`` table, even an empty one, replaces them all.
+EXAMPLE_PERSONAS: Mapping[str, Persona] = types.MappingProxyType({
+    "fortune-teller": Persona(
+        title="Fortune teller",
+        system="You are a fortune teller at a village fair. Answer every question as a "
+               "prophecy: vivid, kind and a little mysterious, and end with one piece of "
+               "practical advice."),
+    "pirate": Persona(
+        title="Pirate",
+        system="You are a cheerful pirate. Answer every question in pirate speak."),
+    "concise": Persona(
+        title="Concise assistant",
+        system="You are a helpful assistant. Answer briefly and precisely; use lists when "
+               "useful."),
+})
+
+
 @dataclass(frozen=True)
 class Settings:
     server: ServerSettings = ServerSettings()
@@ -137,7 +158,7 @@ class Settings:
     limits: LimitsSettings = LimitsSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
-    personas: Mapping[str, Persona] = field(default_factory=dict)
+    personas: Mapping[str, Persona] = field(default_factory=lambda: dict(EXAMPLE_PERSONAS))
     #: The file these settings were read from, if any (SIGHUP re-reads it).
     source: str | None = None
 
@@ -317,7 +338,7 @@ def load(
     raw = read_file(path) if path else {}
 
     merged: dict[str, dict[str, tuple[Any, bool]]] = {s: {} for s in SECTIONS}
-    personas: dict[str, Persona] = {}
+    personas = dict(EXAMPLE_PERSONAS)  # unless the file has a [personas] table
     for section, table in raw.items():
         if section == "personas":
             personas = _personas(table)

@@ -19,7 +19,9 @@ exceptions are translated into it once, at the boundary where they happen
         ├── UpstreamUnreachable        upstream_unreachable   502  connect failure, DNS, refused
         ├── UpstreamStatusError        the upstream's code    400/404/422 kept, 429 kept
         │                                                      (with Retry-After), 401/403 and
-        │                                                      5xx → 502
+        │                                                      5xx → 502 (401/403 as
+        │                                                      upstream_auth_failed,
+        │                                                      type server_error)
         ├── UpstreamTimeout            upstream_timeout       504
         │   ├── FirstTokenTimeout      first token did not arrive in upstream.first_token_timeout_s
         │   └── IdleTimeout            no frame for upstream.idle_timeout_s between frames
@@ -206,7 +208,12 @@ class UpstreamStatusError(UpstreamError):
 
     def to_body(self) -> dict[str, Any]:
         body = super().to_body()
-        body["error"]["type"] = self.upstream_type or self.type
+        if self.upstream_status in (401, 403):
+            # sseproxy's own key was refused: a fault on the server's side, whatever type
+            # the upstream gave (OpenAI says invalid_request_error about its own caller).
+            body["error"]["type"] = "server_error"
+        else:
+            body["error"]["type"] = self.upstream_type or self.type
         return body
 
 

@@ -22,10 +22,11 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
-from . import __version__, errors, validate
+from . import __version__, errors, models, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
 from .metrics import Metrics
+from .models import ModelCatalog
 from .session import ClientGone, Outcome, StallMonitor, StreamSession
 from .upstream import UpstreamClient
 
@@ -75,6 +76,7 @@ class Deps:
     slots: StreamSlots
     metrics: Metrics
     monitor: StallMonitor
+    models: ModelCatalog
 
 
 def new_stream_id() -> str:
@@ -479,14 +481,31 @@ class ReadyHandler(BaseHandler):
                      "streams": slots.active})
 
 
+class ModelsHandler(BaseHandler):
+    """``GET /v1/models``: the upstream's model list, or sseproxy's own (see models.py)."""
+
+    async def get(self) -> None:
+        self.finish(await self.deps.models.models(self.cfg))
+
+
+class PersonasHandler(BaseHandler):
+    """``GET /v1/personas``: each persona's name, title and model, never its prompt."""
+
+    async def get(self) -> None:
+        self.finish(models.personas(self.cfg))
+
+
 class MetricsHandler(BaseHandler):
-    """``GET /metrics`` in the Prometheus text format."""
+    """``GET /metrics`` in the Prometheus text format; ``HEAD`` gives the same headers
+    without the body (Tornado drops it)."""
 
     async def get(self) -> None:
         body, content_type = self.deps.metrics.exposition()
         self.set_header("Content-Type", content_type)
         self.set_header("Cache-Control", "no-store")
         self.finish(body)
+
+    head = get
 
 
 class NotFoundHandler(BaseHandler):

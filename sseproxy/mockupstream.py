@@ -6,10 +6,14 @@ Endpoints
 ---------
 ``POST /v1/chat/completions``
     An OpenAI request body (``model``, ``messages``, ``stream``,
-    ``stream_options.include_usage``; everything else is accepted and ignored).
+    ``stream_options.include_usage``, ``max_tokens`` / ``max_completion_tokens``;
+    everything else is accepted and ignored). A reply longer than ``max_tokens`` (or
+    ``max_completion_tokens``; the smaller when both are given) stops after that many
+    tokens with ``finish_reason: "length"``, as a real model does.
     With ``stream: true`` the answer is ``200 text/event-stream``: a chunk whose
     delta is ``{"role": "assistant", "content": ""}``, one chunk per token
-    ``{"content": tok}``, a chunk with an empty delta and ``finish_reason: "stop"``,
+    ``{"content": tok}``, a chunk with an empty delta and ``finish_reason: "stop"``
+    (or ``"length"``),
     then (with ``include_usage``) a chunk with ``choices: []`` and the usage, and
     ``data: [DONE]``. With ``include_usage`` every other chunk carries
     ``"usage": null``, as OpenAI's do. Without ``stream`` it is one
@@ -434,6 +438,10 @@ class _Tokens:
     def content(self) -> str:
         return "".join(self.texts)
 
+    def cut(self, count: int) -> _Tokens:
+        """The first ``count`` tokens."""
+        return _Tokens(self.texts[:count], self.json[:count], self.sizes[:count])
+
 
 _CACHED_TOKENS: Final = 10_000
 
@@ -533,7 +541,10 @@ class _Frames:
 
     __slots__ = ("head", "end", "role", "token_prefix", "token_suffix", "finish")
 
-    def __init__(self, chunk_id: str, created: int, model: str, include_usage: bool) -> None:
+    def __init__(
+        self, chunk_id: str, created: int, model: str, include_usage: bool,
+        finish_reason: str = "stop",
+    ) -> None:
         self.head = (
             f'data: {{"id":{_dumps(chunk_id)},"object":"chat.completion.chunk",'
             f'"created":{created},"model":{_dumps(model)},"choices":'
@@ -543,7 +554,7 @@ class _Frames:
         self.role = self._frame(choice % ('{"role":"assistant","content":""}', "null"))
         self.token_prefix = (self.head + '[{"index":0,"delta":{"content":').encode()
         self.token_suffix = ('},"finish_reason":null}]' + self.end).encode()
-        self.finish = self._frame(choice % ("{}", '"stop"'))
+        self.finish = self._frame(choice % ("{}", _dumps(finish_reason)))
 
     def _frame(self, choices: str) -> bytes:
         return (self.head + choices + self.end).encode()
@@ -578,6 +589,7 @@ class _ChatRequest:
     include_usage: bool
     prompt: str  # the last user message's text
     prompt_tokens: int
+    max_tokens: int | None = None  # the smaller of max_tokens and max_completion_tokens
 
 
 def _message_text(message: dict[str, Any]) -> str:
@@ -637,6 +649,18 @@ def _parse_chat_request(body: bytes) -> _ChatRequest:
             "Invalid type for 'stream_options.include_usage': expected a boolean.",
             "invalid_type",
         )
+    limits = []
+    for key in ("max_tokens", "max_completion_tokens"):
+        limit = request.get(key)
+        if limit is None:
+            continue
+        if isinstance(limit, bool) or not isinstance(limit, int):
+            raise _BadRequest(f"Invalid type for '{key}': expected an integer.", "invalid_type")
+        if limit < 1:
+            raise _BadRequest(
+                f"Invalid '{key}': integer below minimum value. Expected a value >= 1, but "
+                f"got {limit} instead.", "integer_below_min_value")
+        limits.append(limit)
     texts = [_message_text(m) for m in messages]
     users = [text for m, text in zip(messages, texts) if m["role"] == "user"]
     return _ChatRequest(
@@ -645,6 +669,7 @@ def _parse_chat_request(body: bytes) -> _ChatRequest:
         include_usage=bool(include_usage),
         prompt=users[-1] if users else "",
         prompt_tokens=sum(len(_words(t)) for t in texts),
+        max_tokens=min(limits, default=None),
     )
 
 
@@ -775,10 +800,13 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             self.send_json(scenario.error_status, _error_body(message, type_, code))
             return "errors"
         tokens = _tokens_for(scenario, request.prompt)
+        finish = "stop"
+        if request.max_tokens is not None and len(tokens.texts) > request.max_tokens:
+            tokens, finish = tokens.cut(request.max_tokens), "length"
         chunk_id = f"chatcmpl-mock-{next(self.ids)}"
         if request.stream:
-            return await self._stream(scenario, request, tokens, chunk_id)
-        return await self._complete(scenario, request, tokens, chunk_id)
+            return await self._stream(scenario, request, tokens, chunk_id, finish)
+        return await self._complete(scenario, request, tokens, chunk_id, finish)
 
     def _cancelled(self) -> Outcome:
         self.set_status(499, "Client Closed Request")  # for the access log only
@@ -827,7 +855,8 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         self.detach().close()
 
     async def _stream(
-        self, scenario: Scenario, request: _ChatRequest, tokens: _Tokens, chunk_id: str
+        self, scenario: Scenario, request: _ChatRequest, tokens: _Tokens, chunk_id: str,
+        finish: str,
     ) -> Outcome:
         self.set_header("Content-Type", "text/event-stream")
         self.set_header("Cache-Control", "no-cache")
@@ -839,7 +868,8 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             if not await self._sleep(scenario.first_delay_s):
                 return "cancelled"
 
-        frames = _Frames(chunk_id, int(time.time()), request.model, request.include_usage)
+        frames = _Frames(chunk_id, int(time.time()), request.model, request.include_usage,
+                         finish)
         pending = [frames.role]
         self.stamping = scenario.stamp
         texts = (_STAMP_SLOT,) * len(tokens.json) if scenario.stamp else tokens.json
@@ -912,7 +942,8 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         return "completed"
 
     async def _complete(
-        self, scenario: Scenario, request: _ChatRequest, tokens: _Tokens, chunk_id: str
+        self, scenario: Scenario, request: _ChatRequest, tokens: _Tokens, chunk_id: str,
+        finish: str,
     ) -> Outcome:
         """Answer ``stream: false`` after the time the stream would have taken."""
         count = len(tokens.texts)
@@ -940,7 +971,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             "choices": [{
                 "index": 0,
                 "message": {"role": "assistant", "content": content},
-                "finish_reason": "stop",
+                "finish_reason": finish,
             }],
             "usage": _usage(request.prompt_tokens, count),
         }

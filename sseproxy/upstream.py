@@ -113,7 +113,8 @@ class UpstreamClient:
         self.settings = settings
         self.transport = transport
         # parsed once: httpx would parse a str URL again for every request
-        self.url = httpx.URL((base_url or settings.upstream_url).rstrip("/") + "/chat/completions")
+        self.base_url = (base_url or settings.upstream_url).rstrip("/")
+        self.url = httpx.URL(self.base_url + "/chat/completions")
         # identity: a compressed event stream arrives in bursts, whatever the server does
         self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
                          "Content-Type": "application/json",
@@ -140,6 +141,14 @@ class UpstreamClient:
         request = httpx.Request("POST", self.url, headers=headers, content=content,
                                 extensions=self._extensions)
         return ChatStream(self, request)
+
+    def get(self, path: str, timeout_s: float) -> httpx.Request:
+        """A ``GET {base_url}/{path}`` (e.g. ``models``) with sseproxy's headers and key,
+        for :attr:`transport`; ``timeout_s`` bounds connecting and each read."""
+        headers = dict(self._headers, Accept="application/json")
+        del headers["Content-Type"]
+        return httpx.Request("GET", f"{self.base_url}/{path}", headers=headers,
+                             extensions={"timeout": httpx.Timeout(timeout_s).as_dict()})
 
     async def aclose(self) -> None:
         await self.transport.aclose()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any
 
 import httpx
@@ -41,7 +41,7 @@ GOOD = [chunk("", role="assistant"), chunk("Hel"), chunk("lo"), chunk(finish="st
 class Body(httpx.AsyncByteStream):
     """A response body that yields parts, sleeping where a part is a float, and notes closing."""
 
-    def __init__(self, parts: list[bytes | float | Exception]) -> None:
+    def __init__(self, parts: Sequence[bytes | float | Exception]) -> None:
         self.parts = parts
         self.closed = False
 
@@ -66,7 +66,7 @@ def client(handler: Callable[[httpx.Request], Any], api_key: str | None = None,
     return UpstreamClient(settings, httpx.MockTransport(handler), api_key=api_key)
 
 
-def responder(status: int = 200, parts: list[bytes | float | Exception] | None = None,
+def responder(status: int = 200, parts: Sequence[bytes | float | Exception] | None = None,
               headers: dict[str, str] | None = None) -> tuple[Callable[..., Any], Body]:
     body = Body(GOOD if parts is None else parts)
     all_headers = {"Content-Type": "text/event-stream", **(headers or {})}

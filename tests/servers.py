@@ -12,10 +12,10 @@ import dataclasses
 import json
 import socket
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import httpx
 from tornado.iostream import IOStream
@@ -148,7 +148,9 @@ async def stream(
             got.status, got.headers = response.status_code, response.headers
             got.headers_at = time.monotonic() - start
             try:
-                async with contextlib.aclosing(response.aiter_raw()) as chunks:
+                # an async generator, though typed as a plain iterator
+                raw = cast(AsyncGenerator[bytes, None], response.aiter_raw())
+                async with contextlib.aclosing(raw) as chunks:
                     async for chunk in chunks:
                         now = time.monotonic() - start
                         got.raw += chunk

@@ -15,6 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from sseproxy import sse
@@ -90,6 +91,27 @@ def test_serve_with_no_configuration_streams_from_the_built_in_simulator(tmp_pat
     assert stream_line["stream_id"] == events[0].id.split(".")[0]
     access = [x for x in lines if x.get("logger") == "tornado.access"]
     assert access and all("hello" not in json.dumps(x) for x in access)
+
+
+def test_serve_with_no_configuration_answers_the_readme_persona_examples(tmp_path: Path) -> None:
+    # issue 12: `make run` (`sseproxy serve` without a config file) has example personas
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    with process("serve", "--port", str(port), url=base + "/healthz", log=tmp_path / "s.log"):
+        client = openai.OpenAI(base_url=base + "/v1", api_key="unused", max_retries=0)
+        with client.chat.completions.with_streaming_response.create(
+            model="gpt-4o-mini",
+            messages=[{"role": "user", "content": "Hello"}],
+            stream=True,
+            extra_body={"persona": "pirate"},
+        ) as response:
+            status = response.status_code
+            chunks = list(response.parse())
+        events = read_events(base + "/v1/chat/stream?prompt=hello&persona=fortune-teller")
+    assert status == 200
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason == "stop"
+    assert events[-1].event == "done" and len(events) > 1
 
 
 def test_serve_in_front_of_a_separate_mock_upstream_process(tmp_path: Path) -> None:

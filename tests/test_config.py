@@ -25,7 +25,20 @@ def test_defaults_without_file_or_environment() -> None:
     assert (s.server.host, s.server.port) == ("127.0.0.1", 8080)
     assert s.upstream.kind == "mock" and s.upstream_url == ""
     assert s.heartbeat.interval_s == 15.0
-    assert s.personas == {}
+    assert s.personas == config.EXAMPLE_PERSONAS
+
+
+def test_example_personas_without_a_personas_table_and_a_table_replaces_them(
+    tmp_path: Path,
+) -> None:
+    # issue 12: `make run` starts with example personas; a file's [personas] replaces them
+    assert set(config.load(environ={}).personas) == {"fortune-teller", "pirate", "concise"}
+    no_table = write(tmp_path, "[server]\nport = 9000\n")
+    assert config.load(no_table, environ={}).personas == config.EXAMPLE_PERSONAS
+    own = write(tmp_path, "[personas.poet]\nsystem = 'Answer in verse.'\n")
+    assert config.load(own, environ={}).personas == {"poet": config.Persona("Answer in verse.")}
+    empty = write(tmp_path, "[personas]\n")
+    assert config.load(empty, environ={}).personas == {}
 
 
 def test_file_values_are_typed(tmp_path: Path) -> None:
@@ -189,7 +202,9 @@ def test_reload_applies_pacing_heartbeat_stall_personas_and_keeps_the_rest(
     assert (new.pacing.mode, new.heartbeat.interval_s) == ("smooth", 2.0)
     assert new.personas["a"].system == "s"
     assert new.server.port == 9000  # needs a restart: the old value stays
-    assert applied == ["heartbeat.interval_s", "pacing.mode", "personas.a"]
+    # the file's [personas] replaced the built-in examples: those count as changed too
+    assert applied == ["heartbeat.interval_s", "pacing.mode", "personas.a", "personas.concise",
+                       "personas.fortune-teller", "personas.pirate"]
     assert need_restart == ["server.port"]
 
 

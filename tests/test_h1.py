@@ -28,7 +28,12 @@ async def pushed(response: httpx.Response) -> tuple[list[bytes], BaseException |
     body = response.extensions["sseproxy_body"]
     pieces: list[bytes] = []
     done: asyncio.Future[BaseException | None] = asyncio.get_running_loop().create_future()
-    body.push(pieces.append, lambda error: done.done() or done.set_result(error))
+
+    def on_end(error: BaseException | None) -> None:
+        if not done.done():
+            done.set_result(error)
+
+    body.push(pieces.append, on_end)
     error = await asyncio.wait_for(done, 5)
     return pieces, error
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+from collections.abc import Mapping, Sequence
 from typing import Any
 from urllib.parse import quote
 
@@ -15,8 +16,9 @@ from prometheus_client import CollectorRegistry, Histogram
 from fakes import chunk, client, responder
 from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
+from tornado.testing import bind_unused_port
 
-from sseproxy import config, metrics
+from sseproxy import __version__, app, config, metrics
 from sseproxy.frames import EventSourceFrames
 from sseproxy.metrics import Metrics
 from sseproxy.mockupstream import Scenario
@@ -33,7 +35,7 @@ def value(r: Running | Metrics, name: str, **labels: str) -> float:
     return got
 
 
-def outcomes(logs: list[dict[str, Any]]) -> list[str]:
+def outcomes(logs: Sequence[Mapping[str, Any]]) -> list[str]:
     return [e["outcome"] for e in logs if e["event"] == "stream"]
 
 
@@ -48,6 +50,33 @@ async def scrape(r: Running) -> str:
     return resp.text
 
 
+@pytest.mark.parametrize("separate_port", [False, True])
+async def test_head_metrics_answers_the_get_headers_without_a_body(
+    io_loop: Any, separate_port: bool
+) -> None:
+    # issue 12: HEAD /metrics was 405
+    async with running() as r:
+        url = r.url
+        if separate_port:
+            server = app.make_server(app.make_metrics_app(r.deps), r.settings)
+            sock, port = bind_unused_port()
+            server.add_sockets([sock])
+            url = f"http://127.0.0.1:{port}"
+        try:
+            async with httpx.AsyncClient() as c:
+                get = await c.get(url + "/metrics")
+                head = await c.head(url + "/metrics")
+        finally:
+            if separate_port:
+                server.stop()
+                await server.close_all_connections()
+    assert (get.status_code, head.status_code) == (200, 200)
+    assert head.content == b"" and int(head.headers["Content-Length"]) > 0
+    varying = {"date", "content-length", "etag", "x-request-id"}
+    assert {k: v for k, v in head.headers.items() if k not in varying} == {
+        k: v for k, v in get.headers.items() if k not in varying}
+
+
 def test_every_labelled_series_exists_at_zero() -> None:
     m = Metrics()
     for outcome in metrics.OUTCOMES:
@@ -57,7 +86,7 @@ def test_every_labelled_series_exists_at_zero() -> None:
         assert value(m, "sseproxy_streams_stalled", side=side) == 0
     for status in metrics.UPSTREAM_STATUSES:
         assert value(m, "sseproxy_upstream_requests_total", status=status) == 0
-    assert value(m, "sseproxy_build_info", version=metrics.__version__) == 1
+    assert value(m, "sseproxy_build_info", version=__version__) == 1
     assert value(m, "process_resident_memory_bytes") > 0
 
 
@@ -72,7 +101,7 @@ def test_upstream_status_labels_are_bounded(status: int | None, label: str) -> N
 # --- outcomes: the counter and the log line agree ------------------------------------------
 
 
-async def check_outcome(r: Running, logs: list[dict[str, Any]], outcome: str) -> None:
+async def check_outcome(r: Running, logs: Sequence[Mapping[str, Any]], outcome: str) -> None:
     await asyncio.sleep(0.05)
     assert outcomes(logs) == [outcome]
     for other in metrics.OUTCOMES:

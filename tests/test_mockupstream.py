@@ -347,6 +347,10 @@ async def test_echo_and_seed_over_the_wire(io_loop: Any) -> None:
          "bad value 'fast' for knob 'rate'; allowed: a number >= 0"),
         (b'{"model": "mock?colour=red", "messages": [{"role": "user"}]}', "invalid_scenario",
          "unknown knob 'colour'"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "max_tokens": 0}',
+         "integer_below_min_value", "'max_tokens'"),
+        (b'{"model": "mock", "messages": [{"role": "user"}], "max_completion_tokens": "9"}',
+         "invalid_type", "'max_completion_tokens'"),
     ],
 )
 async def test_invalid_requests_are_400_with_an_openai_error_body(
@@ -682,6 +686,45 @@ async def test_the_openai_sdk_understands_the_simulator(io_loop: Any) -> None:
     expected = "".join(make_tokens(Scenario(tokens=8, text="mixed")))
     assert "".join(parts) == expected == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == 8
+
+
+@pytest.mark.parametrize("max_tokens, max_completion_tokens, cut", [
+    (5, None, 5),
+    (None, 3, 3),
+    (6, 4, 4),
+    (8, None, None),  # the reply is no longer than that: a natural stop
+    (100, None, None),
+])
+async def test_max_tokens_stops_the_reply_there_with_finish_reason_length(
+    io_loop: Any, max_tokens: int | None, max_completion_tokens: int | None, cut: int | None
+) -> None:
+    # issue 12: the simulator ignored max_tokens
+    server, port = await mockupstream.start(Scenario(rate=0, tokens=8))
+    sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-none",
+                             max_retries=0)
+    try:
+        stream = await sdk.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "hi"}], stream=True,
+            stream_options={"include_usage": True}, max_tokens=max_tokens,
+            max_completion_tokens=max_completion_tokens)
+        parts, finish, usage = [], None, None
+        async for chunk in stream:
+            if chunk.choices:
+                parts.append(chunk.choices[0].delta.content or "")
+                finish = chunk.choices[0].finish_reason or finish
+            usage = chunk.usage or usage
+        whole = await sdk.chat.completions.create(
+            model="mock", messages=[{"role": "user", "content": "hi"}], max_tokens=max_tokens,
+            max_completion_tokens=max_completion_tokens)
+    finally:
+        await sdk.close()
+        server.stop()
+        await server.close_all_connections()
+    tokens = make_tokens(Scenario(tokens=8))
+    expected = "".join(tokens[:cut])
+    assert "".join(parts) == expected == whole.choices[0].message.content
+    assert finish == whole.choices[0].finish_reason == ("length" if cut else "stop")
+    assert usage is not None and usage.completion_tokens == (cut or 8)
 
 
 def test_flags_become_the_default_scenario() -> None:

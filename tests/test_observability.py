@@ -17,7 +17,7 @@ from typing import Any
 
 import httpx
 import pytest
-import yaml
+import yaml  # type: ignore[import-untyped]  # PyYAML ships no type hints
 from servers import running, stream
 
 from sseproxy.mockupstream import Scenario
@@ -263,7 +263,7 @@ def dashboard() -> dict[str, Any]:
 
 
 def dashboard_panels() -> list[dict[str, Any]]:
-    out = []
+    out: list[dict[str, Any]] = []
     for panel in dashboard()["panels"]:
         out.extend(panel.get("panels", []) if panel["type"] == "row" else [panel])
     return out

@@ -15,6 +15,7 @@ from urllib.parse import quote
 import httpx
 import openai
 import pytest
+from openai.types.chat import ChatCompletionMessageParam
 from servers import running, silent_client, stream
 from structlog.testing import capture_logs
 
@@ -23,7 +24,7 @@ from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
 FAST = Scenario(rate=0, tokens=12)
-CHAT = [{"role": "user", "content": "hi"}]
+CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
 def es_url(base: str, prompt: str = "hi", **query: str) -> str:
@@ -85,7 +86,7 @@ async def test_openai_sdk_streams_the_exact_text(io_loop: Any) -> None:
     async with running() as r:
         client = sdk(r)
         stream_ = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT, stream=True,  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT, stream=True,
             stream_options={"include_usage": True})
         pieces, finish, usage, ids = [], None, None, set()
         async for chunk in stream_:
@@ -107,11 +108,32 @@ async def test_openai_sdk_without_streaming(io_loop: Any) -> None:
     async with running() as r:
         client = sdk(r)
         reply = await client.chat.completions.create(
-            model=scenario.to_model(), messages=CHAT)  # type: ignore[arg-type]
+            model=scenario.to_model(), messages=CHAT)
         await client.close()
     assert reply.choices[0].message.content == "".join(make_tokens(scenario))
     assert reply.choices[0].finish_reason == "stop"
     assert reply.usage is not None and reply.usage.completion_tokens == 10
+
+
+async def test_a_reply_cut_by_max_tokens_ends_with_finish_reason_length(io_loop: Any) -> None:
+    # issue 12: the simulator stops at max_tokens as real models do; sseproxy relays "length"
+    scenario = Scenario(rate=0, tokens=12)
+    async with running(pacing__mode="smooth") as r:
+        client = sdk(r)
+        stream_ = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT, stream=True,
+            max_tokens=4)
+        pieces, finish = [], None
+        async for chunk in stream_:
+            for choice in chunk.choices:
+                pieces.append(choice.delta.content or "")
+                finish = choice.finish_reason or finish
+        whole = await client.chat.completions.create(
+            model=scenario.to_model(), messages=CHAT,
+            max_completion_tokens=4)
+        await client.close()
+    assert "".join(pieces) == "".join(make_tokens(scenario)[:4])
+    assert finish == "length" == whole.choices[0].finish_reason
 
 
 async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: Any) -> None:
@@ -119,19 +141,19 @@ async def test_openai_sdk_sees_upstream_errors_as_its_own_exceptions(io_loop: An
         client = sdk(r)
         with pytest.raises(openai.RateLimitError) as limited:
             await client.chat.completions.create(
-                model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,  # type: ignore[arg-type]  # noqa: E501
+                model=Scenario(error_status=429, retry_after=3).to_model(), messages=CHAT,
                 stream=True)
         assert limited.value.response.headers["Retry-After"] == "3"
         with pytest.raises(openai.APIError) as mid_stream:
             s = await client.chat.completions.create(
                 model=Scenario(rate=0, error_at=2, error_code="overloaded_now").to_model(),
-                messages=CHAT, stream=True)  # type: ignore[arg-type]
+                messages=CHAT, stream=True)
             async for _ in s:
                 pass
         assert mid_stream.value.code == "overloaded_now"
         with pytest.raises(openai.BadRequestError, match="unknown persona"):
             await client.chat.completions.create(
-                model="x", messages=CHAT, extra_body={"persona": "ninja"})  # type: ignore[arg-type]  # noqa: E501
+                model="x", messages=CHAT, extra_body={"persona": "ninja"})
         await client.close()
 
 
@@ -239,6 +261,22 @@ async def test_openai_endpoint_turns_upstream_refusals_into_http_errors(
     if status == 429:
         assert resp.headers["Retry-After"] == "5"
     assert "text/event-stream" not in resp.headers["Content-Type"]
+
+
+@pytest.mark.parametrize("upstream_status", [401, 403])
+async def test_a_refused_upstream_key_is_a_server_error_on_both_endpoints(
+    io_loop: Any, upstream_status: int
+) -> None:
+    # issue 12: sseproxy's own key was refused; the client's request was fine
+    async with running(Scenario(error_status=upstream_status)) as r:
+        async with httpx.AsyncClient() as c:
+            resp = await c.post(r.url + "/v1/chat/completions", json={"messages": CHAT})
+        es = await stream("GET", es_url(r.url))
+    assert resp.status_code == 502
+    assert resp.json()["error"]["type"] == "server_error"
+    assert resp.json()["error"]["code"] == "upstream_auth_failed"
+    error = json.loads(es.events[-1].data)["error"]
+    assert (error["type"], error["code"]) == ("server_error", "upstream_auth_failed")
 
 
 async def test_unreachable_upstream_is_502(io_loop: Any) -> None:

@@ -12,6 +12,7 @@ from structlog.testing import capture_logs
 from sseproxy import config, errors, sse
 from sseproxy.frames import EventSourceFrames
 from sseproxy.metrics import Metrics
+from sseproxy.pacing import PacingSettings
 from sseproxy.session import Channel, ClientGone, End, Outcome, StreamSession
 from sseproxy.upstream import Delta
 
@@ -95,7 +96,7 @@ PAUSED = [chunk("", role="assistant"), chunk("a"), 0.05, chunk("b"), 0.05, chunk
 def paced_session(parts: list[Any], mode: str, heartbeat_s: float = 10.0) -> StreamSession:
     handler, _ = responder(parts=parts)
     return StreamSession(client(handler), {"model": "m", "messages": []}, stream_id="sid",
-                         settings=settings(heartbeat_s, pacing=config.PacingSettings(mode=mode)),
+                         settings=settings(heartbeat_s, pacing=PacingSettings(mode=mode)),
                          metrics=Metrics(), endpoint="test")
 
 
@@ -179,7 +180,7 @@ async def test_with_pacing_on_nothing_bypasses_the_pacer(io_loop: Any) -> None:
 
 async def test_no_heartbeat_while_text_goes_out_from_the_callback(io_loop: Any) -> None:
     # Heartbeats are owed from the last write, whoever made it.
-    parts = [chunk("", role="assistant")]
+    parts: list[bytes | float] = [chunk("", role="assistant")]
     for i in range(12):
         parts += [chunk(str(i)), 0.05]
     parts += [chunk(finish="stop"), b"data: [DONE]\n\n"]
@@ -271,7 +272,7 @@ async def test_channel_batches_and_tells_when_it_has_space_again(io_loop: Any) -
     ch = Channel(high_water=2, on_space=lambda: spaces.append(len(ch)))
     loop = asyncio.get_running_loop()
     ch.put_nowait(Delta("a"))
-    assert not ch.full
+    assert (ch.full, len(ch)) == (False, 1)  # (a tuple: mypy would narrow ch.full for good)
     ch.put_nowait(Delta("b"))
     assert ch.full  # the producer pauses its upstream here
     assert await ch.get_batch(loop.time() + 1) == [Delta("a"), Delta("b")]

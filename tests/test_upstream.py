@@ -190,6 +190,19 @@ async def test_event_size_limit_comes_from_config(io_loop: Any) -> None:
         await collect(UpstreamClient(settings, httpx.MockTransport(handler)))
 
 
+async def test_event_size_limit_counts_characters_not_utf8_bytes(io_loop: Any) -> None:
+    # issue 12: limits.max_event_bytes counts code points, as README and sseproxy.toml say
+    settings = config.Settings(
+        upstream=config.UpstreamSettings(kind="openai", base_url=URL),
+        limits=config.LimitsSettings(max_event_bytes=2048),
+    )
+    frame = chunk("字" * 1800).decode("unicode_escape").encode()  # raw UTF-8, not \u escapes
+    assert len(frame.decode()) < 2048 < len(frame)  # under the bound in characters only
+    handler, _ = responder(parts=[frame, chunk(finish="stop")])
+    deltas = await collect(UpstreamClient(settings, httpx.MockTransport(handler)))
+    assert deltas[0].content == "字" * 1800
+
+
 async def test_finish_reason_without_done_is_complete(io_loop: Any) -> None:
     handler, _ = responder(parts=[chunk("a"), chunk(finish="length")])
     deltas = await collect(client(handler))
