@@ -255,7 +255,10 @@ class Previous:
 def previous_tree(ref: str, where: Path) -> Iterator[Previous]:
     """``ref`` checked out (detached) at ``where`` as a temporary ``git worktree``; removed
     at the end, also after an error or Ctrl-C."""
-    commit = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    try:
+        commit = git("rev-parse", "--verify", "--quiet", f"{ref}^{{commit}}")
+    except RuntimeError:
+        raise RuntimeError(f"{ref!r} names no commit in this repository") from None
     same = git("rev-parse", f"{commit}:sseproxy") == git("rev-parse", "HEAD:sseproxy") \
         and not git("status", "--porcelain", "--", "sseproxy")
     git("worktree", "add", "--detach", "--quiet", str(where), commit)
@@ -1355,7 +1358,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         fleet = Fleet(Path(tmp))
         try:
             if ref != "none":
-                previous = stack.enter_context(previous_tree(ref, Path(tmp) / "previous"))
+                try:
+                    previous = stack.enter_context(previous_tree(ref, Path(tmp) / "previous"))
+                except RuntimeError as exc:
+                    log(f"the previous code ({ref}) cannot be checked out: {exc} "
+                        "(--previous none runs without it)")
+                    return 2
                 log(f"previous code: {ref} = {previous.commit[:12]}, checked out at "
                     f"{previous.tree}" + (" (the same sseproxy/ as this tree)"
                                           if previous.same_code else ""))
