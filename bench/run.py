@@ -1115,9 +1115,13 @@ def guard_rows(bench: Bench, cpu_per_100k: dict[tuple[str, int], float],
     for name, pacing in (("sseproxy-off", "pacing off"), ("sseproxy", "default pacing")):
         if idle.get(name) is not None:
             pair(f"RSS KB / idle stream, {pacing}", name, idle.get, 1, "≤ 1.0×")
-    if "sseproxy-off" in best or "sseproxy-off" + PREV in best:
+    stepped = {s.target for s in bench.samples if s.phase == "step"}
+    if {"sseproxy-off", "sseproxy-off" + PREV} & stepped:
         pair("sustained events/s, pacing off", "sseproxy-off",
              lambda t: best[t].summary["tokens_per_s"] if t in best else None, 0, "—")
+        for cell, name in ((1, "sseproxy-off" + PREV), (2, "sseproxy-off")):
+            if name in stepped and name not in best:
+                rows[-1][cell] = "< lowest step"
     return rows
 
 
