@@ -13,7 +13,13 @@ frames on blank lines. It measures:
 * time to first byte (request written -> first response byte) and to first token;
 * events/s and tokens/s in the steady window (every stream open), errors by reason, and the
   delivered fraction (tokens received / tokens expected);
+* how many writes of the simulator the tokens came in (tokens of one write share a stamp),
+  so a report can show the load's shape (one token per upstream write, or bursts);
 * its own CPU time, so a report can say how far it is from being the bottleneck.
+
+With ``create``, each connection first posts the body to the URL, expects ``201`` with a
+JSON ``{"events_url": ...}`` and then gets that URL on the same connection (the
+``POST /v1/streams`` API: a stream is created, then followed as an EventSource).
 
 Fast path, deliberately narrower than a general client: ``asyncio.Protocol`` callbacks (no
 task per read), one receive time per read, chunked decoding per HTTP chunk and frame
@@ -44,7 +50,7 @@ import sys
 import time
 from array import array
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
@@ -57,7 +63,7 @@ _STAMPS = re.compile(rb'"content":"([0-9 ]+)"')
 _NS = 1_000_000_000
 
 # Protocol states
-_HEAD, _CHUNKED, _LENGTH, _UNTIL_CLOSE, _DONE = range(5)
+_HEAD, _CHUNKED, _LENGTH, _UNTIL_CLOSE, _DONE, _CREATED = range(6)
 
 
 def raise_nofile() -> int:
@@ -97,6 +103,7 @@ class Load:
     grace_s: float = 5.0
     window: tuple[float, float] | None = None
     headers: tuple[tuple[str, str], ...] = ()
+    create: bool = False
 
     def steady_window(self) -> tuple[float, float]:
         if self.window is not None:
@@ -111,17 +118,23 @@ class Load:
         if parts.scheme != "http" or not parts.hostname:
             raise ValueError(f"only http:// URLs: {self.url!r}")
         port = parts.port or 80
+        return parts.hostname, port, self.request_to(self.url, self.body)
+
+    def request_to(self, url: str, body: bytes | None = None) -> bytes:
+        """The bytes of a request for ``url`` (a path or a full URL): ``POST body``, or
+        ``GET`` when ``body`` is ``None``."""
+        parts = urlsplit(url)
         target = parts.path or "/"
         if parts.query:
             target += "?" + parts.query
-        method = "GET" if self.body is None else "POST"
-        lines = [f"{method} {target} HTTP/1.1", f"Host: {parts.netloc}",
+        method = "GET" if body is None else "POST"
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {urlsplit(self.url).netloc}",
                  "Accept: text/event-stream", "User-Agent: sseproxy-bench-loadgen"]
-        if self.body is not None:
-            lines += ["Content-Type: application/json", f"Content-Length: {len(self.body)}"]
+        if body is not None:
+            lines += ["Content-Type: application/json", f"Content-Length: {len(body)}"]
         lines += [f"{name}: {value}" for name, value in self.headers]
         head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
-        return parts.hostname, port, head + (self.body or b"")
+        return head + (body or b"")
 
 
 # One receive buffer for every connection: a read is parsed before the next one starts, and
@@ -135,11 +148,17 @@ class _Stream(asyncio.BufferedProtocol):
 
     __slots__ = ("run", "request", "transport", "state", "head", "raw", "left", "pending",
                  "sent_at", "first_byte_at", "first_token_at", "stamps", "events",
-                 "status", "saw_done", "error", "ended", "skip")
+                 "status", "saw_done", "error", "ended", "skip", "follow", "last_stamp",
+                 "writes")
 
-    def __init__(self, run: Run, request: bytes) -> None:
+    def __init__(self, run: Run, request: bytes,
+                 follow: Callable[[str], bytes] | None = None) -> None:
         self.run = run
         self.request = request
+        #: ``create``: the request that follows the created stream's ``events_url``
+        self.follow = follow
+        self.last_stamp = b""
+        self.writes = 0  # distinct stamps: writes of the simulator
         self.transport: asyncio.Transport | None = None
         self.state = _HEAD
         self.head = b""
@@ -191,6 +210,8 @@ class _Stream(asyncio.BufferedProtocol):
                 self._end("")
         elif state == _UNTIL_CLOSE:
             self._body(now, data)
+        elif state == _CREATED:
+            self._created(data)
 
     def eof_received(self) -> bool | None:
         if self.state == _UNTIL_CLOSE:
@@ -222,10 +243,18 @@ class _Stream(asyncio.BufferedProtocol):
         for line in lines[1:]:
             name, _, value = line.partition(":")
             headers[name.strip().lower()] = value.strip().lower()
+        rest = buf[end + 4:]
+        if self.follow is not None:
+            if self.status != 201 or "content-length" not in headers:
+                self._end(f"create: status {self.status}")
+                return
+            self.state = _CREATED
+            self.left = int(headers["content-length"])
+            self._created(rest)
+            return
         if self.status != 200:
             self._end(f"status {self.status}")
             return
-        rest = buf[end + 4:]
         if "chunked" in headers.get("transfer-encoding", ""):
             self.state = _CHUNKED
             if rest:
@@ -241,6 +270,28 @@ class _Stream(asyncio.BufferedProtocol):
             self.state = _UNTIL_CLOSE
             if rest:
                 self._body(now, rest)
+
+    def _created(self, data: bytes) -> None:
+        """The ``201`` answer of a create: once whole, follow its ``events_url``."""
+        buf = self.raw + data
+        if len(buf) < self.left:
+            self.raw = buf
+            return
+        self.raw = b""
+        assert self.follow is not None
+        try:
+            events_url = json.loads(buf[:self.left])["events_url"]
+        except (ValueError, KeyError, TypeError):
+            self._end("create: no events_url")
+            return
+        request = self.follow(str(events_url))
+        self.follow = None
+        self.state = _HEAD
+        self.left = 0
+        self.first_byte_at = 0
+        self.sent_at = time.monotonic_ns()
+        if self.transport is not None:
+            self.transport.write(request)
 
     def _chunked(self, now: int, data: bytes) -> None:
         buf = self.raw + data if self.raw else data
@@ -289,6 +340,10 @@ class _Stream(asyncio.BufferedProtocol):
             if not self.first_token_at:
                 self.first_token_at = now
             self.stamps += len(stamps)
+            # tokens of one simulator write share its stamp, and stamps only grow
+            distinct = set(stamps)
+            self.writes += len(distinct) - (self.last_stamp in distinct)
+            self.last_stamp = stamps[-1]
             self.events += len(found)
             self.run.record(now, stamps, len(found))
         if b"data: [DONE]" in frames or b"event: done" in frames:
@@ -325,6 +380,7 @@ class Result:
     errors: Counter[str]
     tokens: int  # stamps received in all
     expected: int
+    writes: int  # distinct stamps received in all: the simulator's writes
     window_s: float
     window_tokens: int
     window_events: int
@@ -351,6 +407,7 @@ class Result:
             "delivered": self.tokens / self.expected if self.expected else 1.0,
             "tokens": self.tokens,
             "expected": self.expected,
+            "tokens_per_write": self.tokens / self.writes if self.writes else 0.0,
             "events_per_s": self.window_events / self.window_s if self.window_s else 0.0,
             "tokens_per_s": self.window_tokens / self.window_s if self.window_s else 0.0,
             "latency_ms": {q: percentile(lat, p) * ms for q, p in
@@ -434,7 +491,8 @@ class Run:
             delay = begin + i * ramp / n - loop.time()
             if delay > 0.001:
                 await asyncio.sleep(delay)
-            stream = _Stream(self, self.request)
+            stream = _Stream(self, self.request, self.load.request_to if self.load.create
+                             else None)
             self.streams.append(stream)
             self.open += 1
             task = loop.create_task(self._connect(stream))
@@ -489,6 +547,7 @@ class Run:
             errors=errors,
             tokens=self.tokens,
             expected=len(self.streams) * self.load.tokens,
+            writes=sum(s.writes for s in self.streams),
             window_s=window,
             window_tokens=self.window_tokens,
             window_events=self.window_events,
