@@ -87,7 +87,7 @@ class HeartbeatSettings:
 
 @dataclass(frozen=True)
 class StallSettings:
-    #: A wait this long counts as a stall: no bytes from the upstream (side "upstream"),
+    #: A wait this long counts as a stall: no event from the upstream (side "upstream"),
     #: or a write to the client not flushed (side "client").
     threshold_s: float = field(default=10.0, metadata=_range(0.01, 3600))
     #: A client whose flush has not completed for this long (it, or a proxy in between,
