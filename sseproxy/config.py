@@ -70,7 +70,11 @@ class UpstreamSettings:
     model: str = "gpt-4o-mini"
     connect_timeout_s: float = field(default=10.0, metadata=_range(0.001, 600))
     first_token_timeout_s: float = field(default=60.0, metadata=_range(0.001, 3600))
+    #: Longest wait between two complete events (a byte, a comment or a line that never
+    #: ends does not count) once the first token came.
     idle_timeout_s: float = field(default=60.0, metadata=_range(0.001, 3600))
+    #: Longest time one generation may take, from the request to its last event.
+    max_duration_s: float = field(default=600.0, metadata=_range(0.001, 86400))
     max_connections: int = field(default=1000, metadata=_range(1, 1_000_000))
     max_keepalive_connections: int = field(default=100, metadata=_range(0, 1_000_000))
     keepalive_expiry_s: float = field(default=30.0, metadata=_range(0, 3600))
@@ -83,7 +87,7 @@ class HeartbeatSettings:
 
 @dataclass(frozen=True)
 class StallSettings:
-    #: A wait this long counts as a stall: no bytes from the upstream (side "upstream"),
+    #: A wait this long counts as a stall: no event from the upstream (side "upstream"),
     #: or a write to the client not flushed (side "client").
     threshold_s: float = field(default=10.0, metadata=_range(0.01, 3600))
     #: A client whose flush has not completed for this long (it, or a proxy in between,
@@ -98,10 +102,12 @@ class LimitsSettings:
     max_messages: int = field(default=256, metadata=_range(1, 100_000))
     #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
     max_prompt_chars: int = field(default=100_000, metadata=_range(1, 1 << 30))
-    #: Largest single SSE event accepted from the upstream, counted in characters (code
-    #: points, as the decoder holds them), so up to 4x as many UTF-8 bytes; the name says
-    #: bytes because for the ASCII JSON of OpenAI chunks the two are the same.
+    #: Largest single SSE event accepted from the upstream: characters of its data plus
+    #: the line being read (each at most 4 bytes), checked on every line and on every
+    #: piece of a line that has not ended.
     max_event_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+    #: Largest ``stream: false`` reply collected (UTF-8 bytes of its text): 502 above it.
+    max_reply_bytes: int = field(default=8 << 20, metadata=_range(1024, 1 << 30))
 
 
 @dataclass(frozen=True)

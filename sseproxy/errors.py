@@ -17,15 +17,20 @@ exceptions are translated into it once, at the boundary where they happen
     │   └── EventTooLarge
     └── UpstreamError                                         502 unless said otherwise
         ├── UpstreamUnreachable        upstream_unreachable   502  connect failure, DNS, refused
-        ├── UpstreamStatusError        the upstream's code    400/404/422 kept, 429 kept
-        │                                                      (with Retry-After), 401/403 and
-        │                                                      5xx → 502 (401/403 as
-        │                                                      upstream_auth_failed,
+        ├── UpstreamStatusError        the upstream's code    400/404/413/422 kept, 429 kept
+        │                                                      (with Retry-After, normalized),
+        │                                                      401/403 and 5xx → 502
+        │                                                      (401/403 as upstream_auth_failed,
         │                                                      type server_error)
+        ├── ReplyTooLarge              upstream_reply_too_large 502  a ``stream: false`` reply
+        │                                                      over limits.max_reply_bytes
         ├── UpstreamTimeout            upstream_timeout       504
         │   ├── FirstTokenTimeout      first token did not arrive in upstream.first_token_timeout_s
-        │   └── IdleTimeout            no frame for upstream.idle_timeout_s between frames
+        │   ├── IdleTimeout            no event for upstream.idle_timeout_s between events
+        │   └── DurationExceeded       the reply ran past upstream.max_duration_s
         └── UpstreamProtocolError      upstream_protocol_error 502
+            ├── (itself)               a malformed response head, a compressed event stream,
+            │                          a body that is not an event stream
             ├── MalformedFrame         a frame that is not an OpenAI chunk (or too large)
             ├── UpstreamStreamError    an ``{"error": …}`` object inside the stream; its code kept
             └── IncompleteStream       ended without ``[DONE]`` or a ``finish_reason``
@@ -217,6 +222,16 @@ class UpstreamStatusError(UpstreamError):
         return body
 
 
+class ReplyTooLarge(UpstreamError):
+    """A collected (``stream: false``) reply grew past ``limits.max_reply_bytes``."""
+
+    code = "upstream_reply_too_large"
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(f"the upstream's reply exceeded {limit} bytes "
+                         "(limits.max_reply_bytes); ask for stream: true for longer replies")
+
+
 class UpstreamTimeout(UpstreamError):
     status = 504
     code = "upstream_timeout"
@@ -228,6 +243,10 @@ class FirstTokenTimeout(UpstreamTimeout):
 
 
 class IdleTimeout(UpstreamTimeout):
+    pass
+
+
+class DurationExceeded(UpstreamTimeout):
     pass
 
 

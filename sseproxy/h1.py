@@ -14,11 +14,24 @@ no task wakes up per chunk. Pulling (``async for`` over the body, what httpx doe
 too, for error bodies and for any other caller.
 
 Deliberately left out: HTTP/2, proxies, ``Expect: 100-continue`` (1xx answers are read
-past), and request bodies that are not in memory. A request is sent again (once, on a
-new connection) only when a reused keep-alive connection turned out closed before any of
-it was written, or when it is replayable (an idempotent method, or an ``Idempotency-Key``
-header), as Go's client does: a POST the server may have read is never sent twice, which
-for a model could mean a second, billed generation.
+past), request bodies that are not in memory, and transfer codings other than ``chunked``
+(refused, as h11 refuses them). A request is sent again (once, on a new connection) only
+when a reused keep-alive connection turned out closed before any of it was written, or
+when it is replayable (an idempotent method, or an ``Idempotency-Key`` header), as Go's
+client does: a POST the server may have read is never sent twice, which for a model could
+mean a second, billed generation.
+
+Compressed bodies are not pushed: :meth:`Body.push` refuses a ``Content-Encoding`` other
+than ``identity`` (sseproxy asks for ``identity``). Inflating a streamed body is an
+amplifier a hostile or broken server controls: a 1 MB gzip body inflates to 1 GB, and
+even inflated in bounded steps it costs CPU and parsing in proportion to the inflated
+size, not to the bytes that crossed the network; and a compressed event stream arrives in
+bursts anyway (the compressor holds text back). Refusing keeps every pushed byte one byte
+of the wire, so the socket's own flow control bounds what a stream holds and costs.
+
+A server may answer before it has read the whole request (a ``413`` for a large body):
+the answer is taken as soon as its head has come, even when the rest of the request is
+still being written or could not be written, and the connection is then not reused.
 """
 
 from __future__ import annotations
@@ -29,10 +42,9 @@ import re
 import select
 import socket
 import ssl
-import zlib
 from collections import deque
 from collections.abc import AsyncIterator, Callable
-from typing import Any, cast
+from typing import cast
 
 import httpx
 
@@ -54,7 +66,11 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
 
-class _NotSent(httpx.RemoteProtocolError):
+class NoResponse(httpx.RemoteProtocolError):
+    """The connection ended before any response: the server is gone, not malformed."""
+
+
+class _NotSent(NoResponse):
     """The connection was closed before anything of the request was written."""
 
 
@@ -82,7 +98,7 @@ def parse_head(raw: bytes, method: bytes) -> _Head:
     lines = raw.replace(b"\r\n", b"\n").split(b"\n")
     parts = lines[0].split(b" ", 2)
     if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() \
-            or len(parts[1]) != 3:
+            or len(parts[1]) != 3 or parts[1] < b"100":
         raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
     head = _Head(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0], [])
     for line in lines[1:]:
@@ -95,12 +111,11 @@ def parse_head(raw: bytes, method: bytes) -> _Head:
             raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
         head.headers.append((name, value.strip(b" \t")))
     lengths: set[bytes] = set()
-    chunked = encoded = False
+    codings: list[bytes] = []
     for name, value in head.headers:
         key = name.lower()
         if key == b"transfer-encoding":
-            encoded = True
-            chunked = value.lower().rsplit(b",", 1)[-1].strip() == b"chunked"
+            codings += (c.strip().lower() for c in value.split(b","))
         elif key == b"content-length":
             lengths.update(v.strip() for v in value.split(b","))
         elif key == b"connection":
@@ -111,10 +126,14 @@ def parse_head(raw: bytes, method: bytes) -> _Head:
                 head.keep_alive = True
     if head.status == 101:
         raise httpx.RemoteProtocolError("the server switched protocols, which was not asked")
+    if codings and codings != [b"chunked"]:
+        # gzip, chunked; identity; chunked twice: h11 refuses them, and so does this.
+        raise httpx.RemoteProtocolError(
+            f"unsupported Transfer-Encoding {b', '.join(codings)[:80]!r}")
     if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
         head.framing = "none"
-    elif encoded:
-        head.framing = "chunked" if chunked else "close"
+    elif codings:
+        head.framing = "chunked"
         if lengths or head.version == b"HTTP/1.0":
             head.keep_alive = False  # RFC 9112 6.1 and 6.3: framing in doubt, do not reuse
     elif lengths:
@@ -128,11 +147,18 @@ def parse_head(raw: bytes, method: bytes) -> _Head:
     return head
 
 
+def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The ``Content-Encoding`` of a response (every header of that name, lowercased)."""
+    codings = [v.strip().lower() for k, v in headers if k.lower() == b"content-encoding"]
+    return b", ".join(c for c in codings if c) or b"identity"
+
+
 class Body(httpx.AsyncByteStream):
     """A response body: pull it (``async for``) or push it to a callback (:meth:`push`).
 
     Pulled bytes are as the server sent them (httpx decodes ``Content-Encoding`` itself);
-    pushed bytes are decoded here (gzip and deflate).
+    a body with a ``Content-Encoding`` other than ``identity`` is not pushed (see the
+    module docstring).
     """
 
     def __init__(self, conn: _Connection, head: _Head) -> None:
@@ -145,7 +171,6 @@ class Body(httpx.AsyncByteStream):
         self._waiter: asyncio.Future[None] | None = None
         self._on_data: OnData | None = None
         self._on_end: OnEnd | None = None
-        self._decoder: Any = None
         self._closed = False
         self._paused = False
 
@@ -162,14 +187,6 @@ class Body(httpx.AsyncByteStream):
                 self._conn.pause_reading()
             self._wake()
             return
-        if self._decoder is not None:
-            try:
-                data = self._decoder.decompress(data)
-            except zlib.error as exc:
-                self._refuse(httpx.DecodingError(f"cannot decode the body: {exc}"))
-                return
-            if not data:
-                return
         try:
             on_data(data)
         except BaseException as exc:  # the consumer refused the data: end the body with it
@@ -188,9 +205,6 @@ class Body(httpx.AsyncByteStream):
     def _end(self, error: BaseException | None) -> None:
         if self.complete or self.error is not None:
             return
-        if error is None and self._decoder is not None and not self._decoder.eof:
-            error = httpx.DecodingError("the compressed body ended early")
-            self._conn.close()
         if error is None:
             self.complete = True
         else:
@@ -209,18 +223,15 @@ class Body(httpx.AsyncByteStream):
     # --- the consumer's side -------------------------------------------------------------
 
     def push(self, on_data: OnData, on_end: OnEnd) -> None:
-        """Call ``on_data`` with each piece of the (decoded) body as it arrives, then
-        ``on_end`` once with None (complete) or the error. An exception raised by
-        ``on_data`` ends the body with that exception. Bytes already queued go first."""
-        encoding = dict((k.lower(), v) for k, v in self._head.headers).get(
-            b"content-encoding", b"identity").strip().lower()
-        if encoding in (b"gzip", b"x-gzip"):
-            self._decoder = zlib.decompressobj(zlib.MAX_WBITS | 16)
-        elif encoding == b"deflate":
-            self._decoder = zlib.decompressobj()
-        elif encoding not in (b"identity", b""):
+        """Call ``on_data`` with each piece of the body as it arrives, then ``on_end`` once
+        with None (complete) or the error. An exception raised by ``on_data`` ends the body
+        with that exception. Bytes already queued go first. A compressed body is refused
+        with :class:`httpx.DecodingError` (see the module docstring)."""
+        encoding = content_encoding(self._head.headers)
+        if encoding not in (b"identity", b""):
             self._on_end = on_end
-            self._refuse(httpx.DecodingError(f"unsupported Content-Encoding {encoding!r}"))
+            self._refuse(httpx.DecodingError(
+                f"a compressed body ({encoding[:40]!r}) is not pushed"))
             return
         self._on_data, self._on_end = on_data, on_end
         queued, self._queue = self._queue, deque()
@@ -229,10 +240,6 @@ class Body(httpx.AsyncByteStream):
             self._deliver(data)
             if self.error is not None:  # the consumer refused a piece: that ended the body
                 break
-        if (self.complete and self.error is None and self._decoder is not None
-                and not self._decoder.eof):
-            self._refuse(httpx.DecodingError("the compressed body ended early"))
-            return
         if self.complete or self.error is not None:
             ended, self._on_end = self._on_end, None  # None when the end was told already
             self._on_data = None
@@ -334,7 +341,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.owner._forget(self)
         error: BaseException
         if self._head_waiter is not None and not self._head_waiter.done():
-            error = httpx.RemoteProtocolError(
+            error = NoResponse(
                 "the server closed the connection without sending a response")
             error.__cause__ = exc
             self._head_waiter.set_exception(error)
@@ -513,19 +520,33 @@ class _Connection(asyncio.BufferedProtocol):
         self._head = None
         self.body = None
         self._any_byte = False
-        self._head_waiter = asyncio.get_running_loop().create_future()
+        loop = asyncio.get_running_loop()
+        self._head_waiter = head_waiter = loop.create_future()
         self.transport.write(head + content if len(content) < 64 * 1024 else head)
         if len(content) >= 64 * 1024:
             self.transport.write(content)
         if self._write_paused and not self.lost:
-            self._drain_waiter = asyncio.get_running_loop().create_future()
+            self._drain_waiter = drain = loop.create_future()
             try:
-                async with asyncio.timeout(write_timeout):
-                    await self._drain_waiter
-            except TimeoutError as exc:
-                raise httpx.WriteTimeout("timed out sending the request") from exc
+                # The server may answer (413) before it has read the body, and stop reading.
+                await asyncio.wait([drain, head_waiter], timeout=write_timeout,
+                                   return_when=asyncio.FIRST_COMPLETED)
             finally:
                 self._drain_waiter = None
+            if head_waiter.done() and not head_waiter.cancelled() \
+                    and head_waiter.exception() is None:
+                # The answer counts, not the rest of the write; the request was cut short,
+                # so the connection is not reused.
+                if drain.done():
+                    drain.exception()  # retrieved: a write that broke is not the error
+                else:
+                    drain.cancel()
+                head_waiter.result().keep_alive = False
+                return
+            if not drain.done():
+                drain.cancel()
+                raise httpx.WriteTimeout("timed out sending the request")
+            drain.result()  # the connection broke while writing: WriteError
 
     async def response_head(self, read_timeout: float | None) -> _Head:
         assert self._head_waiter is not None

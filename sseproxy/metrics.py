@@ -42,7 +42,8 @@ OUTCOMES = ("completed", "client_closed", "client_stalled", "upstream_error",
 #: ``side`` of a stall: the model sent nothing, or the client (or a proxy) is not reading.
 SIDES = ("upstream", "client")
 #: ``status`` of an upstream request: the HTTP status class, or why there was none.
-UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout")
+UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout",
+                     "protocol_error")
 RELOAD_RESULTS = ("ok", "error")
 
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
@@ -148,10 +149,12 @@ class Tallies:
             LAG_BUCKETS, t.lags, t.lag_ns)
 
 
-def upstream_status_label(status: int | None, timed_out: bool = False) -> str:
-    """The bounded ``status`` label of an upstream request."""
+def upstream_status_label(status: int | None, timed_out: bool = False,
+                          protocol_error: bool = False) -> str:
+    """The bounded ``status`` label of an upstream request (``protocol_error``: it answered
+    with a response head that is not HTTP/1.1)."""
     if status is None:
-        return "timeout" if timed_out else "unreachable"
+        return "timeout" if timed_out else "protocol_error" if protocol_error else "unreachable"
     if status == 429:
         return "429"
     return f"{min(max(status // 100, 2), 5)}xx"

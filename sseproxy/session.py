@@ -450,7 +450,9 @@ class StreamSession:
 
     def _count_upstream(self, status: int | None, error: errors.SSEProxyError | None) -> None:
         timed_out = isinstance(error, errors.UpstreamTimeout)
-        self.metrics.upstream_requests.labels(upstream_status_label(status, timed_out)).inc()
+        malformed = isinstance(error, errors.UpstreamProtocolError)
+        self.metrics.upstream_requests.labels(
+            upstream_status_label(status, timed_out, malformed)).inc()
 
     def stall_changed(self, watch: StallWatch, stalled: bool) -> None:
         """A :class:`StallWatch` began or ended an episode."""
@@ -606,6 +608,7 @@ class StreamSession:
         self.start()
         loop = asyncio.get_running_loop()
         text: list[str] = []
+        size, limit = 0, self.settings.limits.max_reply_bytes
         try:
             while True:
                 items = await self.channel.get_batch(loop.time() + self.heartbeat_s)
@@ -613,6 +616,12 @@ class StreamSession:
                     if isinstance(item, Delta):
                         if item.content:
                             self._first_text()
+                            size += len(item.content.encode("utf-8", "surrogatepass"))
+                            if size > limit:  # the pump is cancelled on the way out
+                                text.clear()  # not kept alive by the error's traceback
+                                self.error = errors.ReplyTooLarge(limit)
+                                self._finish(Outcome.UPSTREAM_ERROR)
+                                raise self.error
                         text.append(item.content)
                     elif isinstance(item, End):
                         self.finish_reason, self.usage = item.finish_reason, item.usage

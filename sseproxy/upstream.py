@@ -18,16 +18,27 @@ Timeouts: httpx's own timeouts cover connecting and acquiring a pooled
 connection. Reads have no httpx timeout, because one read timeout cannot tell
 "the model has not started" from "the model stopped mid-reply": the first
 token gets ``upstream.first_token_timeout_s`` (counted from the request), and
-each later frame ``upstream.idle_timeout_s``. On sseproxy's own transport one timer per
-stream enforces them, moved on lazily (arriving bytes only note the time); on any other
-transport each read is wrapped in ``asyncio.timeout``.
+each later event ``upstream.idle_timeout_s``. Only a complete event counts: bytes of a
+line that never ends, or comments, do not move the idle deadline, so an upstream cannot
+hold a stream open by trickling. The whole generation gets ``upstream.max_duration_s``.
+On sseproxy's own transport one timer per stream enforces them, moved on lazily (events
+only note the time); on any other transport each read is wrapped in ``asyncio.timeout``.
+
+What an upstream sends is bounded before it reaches the rest of sseproxy: an event stream
+must come uncompressed (``Accept-Encoding: identity`` is asked; a ``Content-Encoding`` is
+refused as a protocol error, see :mod:`sseproxy.h1` for why), an event is bounded by
+``limits.max_event_bytes``, an error body is read up to 64 KiB (inflated up to 64 KiB when
+compressed) and ``Retry-After`` is normalized to whole seconds in 1..3600.
 """
 
 from __future__ import annotations
 
 import asyncio
+import email.utils
 import json
 import math
+import time
+import zlib
 from collections.abc import AsyncGenerator, Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -42,6 +53,8 @@ from .sse import Decoder
 
 #: Upstream error bodies are read up to this size to find the OpenAI error object.
 _MAX_ERROR_BODY = 64 * 1024
+#: ``Retry-After`` passed on to a client is clamped to this range (seconds).
+RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 3600
 
 
 class Waits(Protocol):
@@ -88,15 +101,44 @@ def make_transport(settings: Settings) -> h1.H1Transport:
     return h1.H1Transport(limits=limits, ssl_context=httpx.create_ssl_context(trust_env=False))
 
 
-def _retry_after(headers: httpx.Headers) -> str | None:
-    """``Retry-After`` in seconds, also from OpenAI's ``retry-after-ms``."""
-    if headers.get("Retry-After"):
-        return headers["Retry-After"]
-    ms = headers.get("retry-after-ms", "")
-    try:
-        return str(max(1, math.ceil(float(ms) / 1000))) if ms else None
-    except ValueError:
+def retry_after(headers: httpx.Headers, now: float | None = None) -> str | None:
+    """The upstream's ``Retry-After`` as whole seconds in 1..3600, or None when it has none
+    that can be read (the 429 then says 1). Delay-seconds and HTTP-dates (counted from
+    ``now``, Unix time) are read, else OpenAI's ``retry-after-ms``; anything else (control
+    characters, non-ASCII bytes, 60,000 digits) is dropped: it is never passed on as sent.
+    """
+    seconds: float | None = None
+    value = _header(headers, b"retry-after")
+    if value and len(value) <= 64:
+        if value.isdigit():
+            seconds = int(value)
+        else:
+            try:
+                when = email.utils.parsedate_to_datetime(value.decode("ascii"))
+                seconds = when.timestamp() - (time.time() if now is None else now)
+            except (ValueError, TypeError, UnicodeDecodeError):
+                seconds = None
+    elif value and value.isdigit():
+        seconds = RETRY_AFTER_MAX_S  # more digits than fit in 64 characters: a long time
+    if seconds is None:
+        ms = _header(headers, b"retry-after-ms")
+        try:
+            seconds = float(ms) / 1000 if ms and len(ms) <= 32 else None
+        except ValueError:
+            seconds = None
+        if seconds is not None and not math.isfinite(seconds):
+            seconds = None
+    if seconds is None:
         return None
+    return str(min(max(math.ceil(seconds), RETRY_AFTER_MIN_S), RETRY_AFTER_MAX_S))
+
+
+def _header(headers: httpx.Headers, name: bytes) -> bytes:
+    """A header's raw value (the first one), stripped; b"" when absent."""
+    for key, value in headers.raw:
+        if key.lower() == name:
+            return value.strip()
+    return b""
 
 
 class UpstreamClient:
@@ -166,6 +208,7 @@ class ChatStream:
         up = client.settings.upstream
         self._first_token_timeout = up.first_token_timeout_s
         self._idle_timeout = up.idle_timeout_s
+        self._max_duration = up.max_duration_s
         self._max_event_bytes = client.settings.limits.max_event_bytes
         #: The HTTP status the upstream answered with (None until it answered).
         self.status: int | None = None
@@ -177,6 +220,7 @@ class ChatStream:
         self._on_delta: Callable[[Delta], None] | None = None
         self._on_read: Callable[[], None] | None = None
         self._first = True
+        self._events = 0
         self._finished = False
         self._done = False
         self._paused = False
@@ -206,15 +250,27 @@ class ChatStream:
         if self.waits is not None:
             self.waits.begin()
         try:
-            async with asyncio.timeout(self._first_token_timeout):
+            async with asyncio.timeout_at(self._deadline()):
                 response = await self._client.transport.handle_async_request(self._request)
         except TimeoutError as exc:
+            if self._max_duration < self._first_token_timeout:
+                raise self._timeout_error() from exc
             raise errors.FirstTokenTimeout(
                 f"the upstream did not answer within {self._first_token_timeout:g} s"
             ) from exc
         except httpx.TimeoutException as exc:
             raise errors.UpstreamUnreachable(
                 f"the upstream could not be reached in time ({type(exc).__name__})"
+            ) from exc
+        except h1.NoResponse as exc:
+            raise errors.UpstreamUnreachable(
+                f"the upstream closed the connection without answering ({type(exc).__name__})"
+            ) from exc
+        except httpx.RemoteProtocolError as exc:
+            # The upstream answered, but not in HTTP/1.1 (a malformed head, status 000,
+            # Transfer-Encoding: gzip, chunked): not a network failure.
+            raise errors.UpstreamProtocolError(
+                "the upstream answered with a malformed HTTP response"
             ) from exc
         except httpx.HTTPError as exc:
             raise errors.UpstreamUnreachable(
@@ -236,20 +292,36 @@ class ChatStream:
         if not content_type.startswith("text/event-stream"):
             await self.aclose()
             raise errors.UpstreamProtocolError(
-                f"the upstream answered {content_type or 'no Content-Type'} "
+                f"the upstream answered {content_type[:80] or 'no Content-Type'} "
                 "instead of an event stream"
+            )
+        if isinstance(response.extensions.get("sseproxy_body"), h1.Body) \
+                and h1.content_encoding(response.headers.raw) != b"identity":
+            await self.aclose()
+            raise errors.UpstreamProtocolError(
+                "the upstream compressed its event stream, though sseproxy asked for "
+                "Accept-Encoding: identity"
             )
 
     async def _status_error(self, response: httpx.Response) -> errors.UpstreamStatusError:
         body = b""
         try:
             async with asyncio.timeout(self._idle_timeout):
-                async for chunk in response.aiter_bytes():
+                # raw: httpx would inflate each read in one unbounded call
+                async for chunk in response.aiter_raw():
                     body += chunk
                     if len(body) >= _MAX_ERROR_BODY:
                         break
         except (TimeoutError, httpx.HTTPError):
             pass  # the status alone is enough; the body only refines the message
+        encoding = h1.content_encoding(response.headers.raw)
+        if encoding in (b"gzip", b"x-gzip", b"deflate"):
+            try:  # gzip or zlib, detected from the header; at most _MAX_ERROR_BODY out
+                body = zlib.decompressobj(zlib.MAX_WBITS | 32).decompress(body, _MAX_ERROR_BODY)
+            except zlib.error:
+                body = b""
+        elif encoding != b"identity":
+            body = b""
         code = etype = None
         message = f"the upstream answered HTTP {response.status_code}"
         try:
@@ -272,7 +344,7 @@ class ChatStream:
             message,
             upstream_code=code,
             upstream_type=etype,
-            retry_after=_retry_after(response.headers),
+            retry_after=retry_after(response.headers),
         )
 
     def pause(self) -> None:
@@ -299,8 +371,8 @@ class ChatStream:
                 self.waits.begin()
             if self._body is not None:
                 self._body.resume()
-            if self._timer is None and self._end is not None and not self._end.done():
-                self._timer = self._loop.call_at(self._deadline(), self._on_deadline)
+            if self._end is not None and not self._end.done():
+                self._reschedule()
             resumed, self._resumed = self._resumed, None
             if resumed is not None and not resumed.done():
                 resumed.set_result(None)
@@ -361,6 +433,10 @@ class ChatStream:
                 "the upstream sent an event over the size limit "
                 f"(limits.max_event_bytes = {self._max_event_bytes})"
             ) from exc
+        if events:
+            # Only a complete event moves the idle deadline (not a byte, not a comment).
+            self._events += len(events)
+            self._last = self._loop.time()
         for event in events:
             if event.data == "[DONE]":
                 self._done = True
@@ -377,25 +453,51 @@ class ChatStream:
         return False
 
     def _timeout_error(self) -> errors.UpstreamTimeout:
+        if self._loop.time() >= self._started + self._max_duration:
+            return errors.DurationExceeded(
+                f"the reply took longer than {self._max_duration:g} s "
+                "(upstream.max_duration_s)")
         if self._first:
             return errors.FirstTokenTimeout(
                 f"the upstream sent no token within {self._first_token_timeout:g} s")
         return errors.IdleTimeout(
-            f"the upstream sent nothing for {self._idle_timeout:g} s mid-reply")
+            f"the upstream sent no event for {self._idle_timeout:g} s mid-reply")
 
     def _deadline(self) -> float:
+        """The next deadline while reading (loop time): first token or idle, and the total."""
         if self._first:
-            return self._started + self._first_token_timeout
-        return self._last + self._idle_timeout
+            deadline = self._started + self._first_token_timeout
+        else:
+            deadline = self._last + self._idle_timeout
+        return min(deadline, self._started + self._max_duration)
+
+    def _reschedule(self) -> None:
+        """Bring the timer forward when the deadline moved earlier (it is only ever moved
+        on lazily, by the timer itself)."""
+        deadline = self._deadline()
+        timer = self._timer
+        if timer is None or timer.when() > deadline:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(deadline, self._on_deadline)
 
     def _on_deadline(self) -> None:
-        # One timer per stream, moved on lazily: bytes only note the time they came.
+        # One timer per stream, moved on lazily: events only note the time they came.
         self._timer = None
         end = self._end
-        if self._paused or end is None or end.done():
+        if end is None or end.done():
             return
-        deadline = self._deadline()
-        if self._loop.time() < deadline:
+        now = self._loop.time()
+        total = self._started + self._max_duration
+        if self._paused:
+            # A paused stream waits for its client, not the upstream: only the total counts.
+            if now < total:
+                self._timer = self._loop.call_at(total, self._on_deadline)
+                return
+            deadline = total
+        else:
+            deadline = self._deadline()
+        if now < deadline:
             self._timer = self._loop.call_at(deadline, self._on_deadline)
         else:
             end.set_exception(self._timeout_error())
@@ -411,19 +513,16 @@ class ChatStream:
         def on_data(data: bytes) -> None:
             if end.done():
                 return
-            self._last = loop.time()
-            if waits is not None and not self._paused:
-                waits.end()
-                waits.begin()
-            first = self._first
+            first, events = self._first, self._events
             if self._feed(data) and not end.done():
                 end.set_result(None)
-            elif first and not self._first:
+                return
+            if events != self._events and waits is not None and not self._paused:
+                waits.end()  # an event came: the wait for the next one begins now
+                waits.begin()
+            if first and not self._first and not end.done():
                 # The first token came: the idle deadline may be earlier than the timer.
-                timer = self._timer
-                if timer is not None and timer.when() > self._deadline():
-                    timer.cancel()
-                    self._timer = loop.call_at(self._deadline(), self._on_deadline)
+                self._reschedule()
 
         def on_end(error: BaseException | None) -> None:
             if not end.done():
@@ -432,7 +531,7 @@ class ChatStream:
                 else:
                     end.set_exception(error)
 
-        self._timer = loop.call_at(self._deadline(), self._on_deadline)
+        self._reschedule()
         if waits is not None and not self._paused:
             waits.begin()
         try:
@@ -452,10 +551,10 @@ class ChatStream:
     async def _pulled(self, response: httpx.Response) -> None:
         """Any other httpx transport: read the body chunk by chunk, each read timed."""
         chunks = cast(AsyncGenerator[bytes, None], response.aiter_bytes())
+        self._last = self._loop.time()
         try:
             while True:
-                budget = self._first_token_timeout if self._first else self._idle_timeout
-                deadline = self._deadline() if self._first else self._loop.time() + budget
+                deadline = self._deadline()
                 if self.waits is not None:
                     self.waits.begin()
                 try:

@@ -114,6 +114,13 @@ async def test_a_body_that_ends_with_the_connection(io_loop: Any) -> None:
     (b"HTTP/1.1 200 OK\r\nContent-Length: 1, 2\r\n\r\n", "Content-Length"),
     (b"HTTP/1.1 200 OK\r\nX: " + b"a" * (h1.MAX_HEAD_BYTES + 10), "too large"),
     (b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: x\r\n\r\n", "switched protocols"),
+    # h11 refuses these too (issue 13, point 7)
+    (b"HTTP/1.1 000 Zero\r\nContent-Length: 0\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 099 Low\r\nContent-Length: 0\r\n\r\n", "malformed status line"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip, chunked\r\n\r\n", "Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: identity\r\n\r\nx", "Transfer-Encoding"),
+    (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\nTransfer-Encoding: chunked\r\n\r\n",
+     "Transfer-Encoding"),
 ])
 async def test_a_broken_head_is_a_protocol_error(io_loop: Any, response: bytes,
                                                  needle: str) -> None:
@@ -233,20 +240,22 @@ async def test_pause_stops_reading_until_resume(io_loop: Any) -> None:
         assert pieces == [b"first", b"second"]
 
 
-async def test_gzip_is_decoded_when_pushed_and_bad_gzip_is_a_decoding_error(
-    io_loop: Any,
+@pytest.mark.parametrize("encoding", [b"gzip", b"deflate", b"br", b"gzip, gzip"])
+async def test_a_compressed_body_is_refused_when_pushed_and_pulled_as_sent(
+    io_loop: Any, encoding: bytes,
 ) -> None:
+    # Issue 13: one 64 KB read of a gzip bomb inflated to 16-64 MB in one call. A pushed
+    # body is never inflated; pulled, it is the server's bytes (httpx decodes, if asked).
     packed = gzip.compress(b"data: zipped\n\n")
-    good = OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
-    responses = (good + chunked(packed[:10], packed[10:]), good + chunked(b"not gzip"))
-    async with serving(answer(*responses)) as server, client() as http:
+    response = (OK_HEAD + b"Content-Encoding: " + encoding
+                + b"\r\nTransfer-Encoding: chunked\r\n\r\n" + chunked(packed))
+    async with serving(answer(response, response)) as server, client() as http:
         url = f"http://127.0.0.1:{server.port}/"
-        async with http.stream("GET", url) as response:
-            pieces, error = await pushed(response)
-        assert (b"".join(pieces), error) == (b"data: zipped\n\n", None)
-        async with http.stream("GET", url) as response:
-            pieces, error = await pushed(response)
-        assert isinstance(error, httpx.DecodingError)
+        async with http.stream("GET", url) as streamed:
+            pieces, error = await pushed(streamed)
+        assert pieces == [] and isinstance(error, httpx.DecodingError)
+        async with http.stream("GET", url) as streamed:
+            assert b"".join([part async for part in streamed.aiter_raw()]) == packed
 
 
 async def test_closing_an_unfinished_body_closes_the_connection(io_loop: Any) -> None:
@@ -521,14 +530,34 @@ async def test_framing_in_doubt_is_not_kept_alive(io_loop: Any) -> None:
         assert server.connections == 2
 
 
-async def test_a_truncated_gzip_body_is_a_decoding_error(io_loop: Any) -> None:
-    packed = gzip.compress(b"data: zipped\n\n" * 20)
-    response = (OK_HEAD + b"Content-Encoding: gzip\r\nTransfer-Encoding: chunked\r\n\r\n"
-                + chunked(packed[:-6]))
-    async with serving(answer(response)) as server, client() as http:
-        async with http.stream("GET", f"http://127.0.0.1:{server.port}/") as streamed:
-            pieces, error = await pushed(streamed)
-        assert isinstance(error, httpx.DecodingError)
+@pytest.mark.parametrize("then_close", [False, True])
+async def test_an_answer_before_the_body_was_read_is_the_response(
+    io_loop: Any, then_close: bool,
+) -> None:
+    # Issue 13: an upstream that answers 413 to a large body without reading it (and then
+    # stops reading, or closes) was a write error, i.e. "unreachable".
+    answer_413 = (b"HTTP/1.1 413 Payload Too Large\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: 11\r\n\r\n{\"error\":1}")
+    release = asyncio.Event()
+
+    async def script(server: Server, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer_413)
+        await writer.drain()
+        if then_close:
+            writer.transport.abort()
+            return
+        await release.wait()
+
+    async with serving(script) as server, client() as http:
+        response = await http.post(f"http://127.0.0.1:{server.port}/",
+                                   content=b"x" * (32 << 20))
+        release.set()
+        assert (response.status_code, response.content) == (413, b'{"error":1}')
+        second = await http.post(f"http://127.0.0.1:{server.port}/", content=b"x" * (32 << 20))
+        assert second.status_code == 413
+        assert server.connections == 2  # a request cut short leaves its connection unused
 
 
 async def test_a_released_body_no_longer_pauses_its_connection(io_loop: Any) -> None:

@@ -96,6 +96,7 @@ def test_every_labelled_series_exists_at_zero() -> None:
 def test_upstream_status_labels_are_bounded(status: int | None, label: str) -> None:
     assert metrics.upstream_status_label(status) == label
     assert metrics.upstream_status_label(None, timed_out=True) == "timeout"
+    assert metrics.upstream_status_label(None, protocol_error=True) == "protocol_error"
 
 
 # --- outcomes: the counter and the log line agree ------------------------------------------

@@ -11,7 +11,7 @@ import pytest
 from fakes import GOOD, SSE, URL, Body, chunk, client, responder
 from scripted import CHUNKED, Server, answer, chunked, serving
 
-from sseproxy import __version__, config, errors
+from sseproxy import __version__, config, errors, upstream
 from sseproxy.upstream import Delta, UpstreamClient, make_transport
 
 
@@ -339,3 +339,28 @@ async def test_pause_and_resume_do_nothing_once_the_reply_ended(io_loop: Any) ->
         s.pause()
         assert watch.calls[calls:] == [] and watch.calls[-1] == "end"
         await up.aclose()
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ([(b"Retry-After", b"7")], "7"),
+    ([(b"Retry-After", b" 0 ")], "1"),
+    ([(b"Retry-After", b"86400")], "3600"),
+    ([(b"Retry-After", b"9" * 60_000)], "3600"),
+    ([(b"Retry-After", b"5\r7")], None),
+    ([(b"Retry-After", b"5\xff")], None),
+    ([(b"Retry-After", b"-3")], None),
+    ([(b"Retry-After", b"Wed, 21 Oct 2015 07:28:00 GMT")], "1"),  # in the past
+    ([(b"Retry-After", b"Wed, 21 Oct 2015 07:30:00 GMT")], "120"),
+    ([(b"Retry-After", b"x" * 60_000)], None),
+    ([(b"retry-after-ms", b"1500")], "2"),
+    ([(b"retry-after-ms", b"nan")], None),
+    ([(b"retry-after-ms", b"1e400")], None),
+    ([(b"Retry-After", b"garbage"), (b"retry-after-ms", b"2500")], "3"),
+    ([], None),
+])
+def test_retry_after_is_whole_seconds_in_range_or_dropped(
+    raw: list[tuple[bytes, bytes]], expected: str | None,
+) -> None:
+    # Issue 13: a bare CR or a non-ASCII byte was a 500; 60,000 characters passed on.
+    now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
+    assert upstream.retry_after(httpx.Headers(raw), now=now) == expected
