@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import math
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -271,17 +272,51 @@ def _personas(raw: Any) -> dict[str, Persona]:
     return personas
 
 
+#: Largest config file read (a file this big is a mistake, not a configuration).
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def read_file(path: str) -> dict[str, Any]:
-    """Parse a TOML config file (no validation beyond TOML syntax)."""
+    """Parse a TOML config file (no validation beyond TOML syntax).
+
+    Every way the file can be unusable is a :class:`ConfigError` naming it: missing,
+    unreadable, not a regular file (a directory, a FIFO, a device: refused without
+    reading, so a FIFO cannot block the caller), not UTF-8, not TOML.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"config file {path!r} is {kind}")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # the file object owns it now
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid UTF-8 (byte {exc.start}: "
+                          f"{data[exc.start:exc.start + 1]!r})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} is not valid TOML: nested too deeply") from None
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
