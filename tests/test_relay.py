@@ -460,6 +460,8 @@ async def test_a_client_that_resets_mid_stream_ends_it_as_client_closed(io_loop:
     "content, status, needle",
     [
         (b"{oops", 400, "not valid JSON"),
+        # issue 13 point 7: a UTF-8-encoded surrogate was a 500 with a traceback
+        (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400, "not UTF-8"),
         (json.dumps({"messages": []}).encode(), 400, "'messages'"),
         (json.dumps({"messages": CHAT, "persona": "ninja"}).encode(), 400, "pirate"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}).encode(), 413,
