@@ -95,6 +95,17 @@ class StallSettings:
 @dataclass(frozen=True)
 class LimitsSettings:
     max_body_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+    #: Bytes of the request line (method, URL with its query, version); longer is a 414.
+    #: An EventSource ``prompt`` travels in it percent-encoded (up to 9 bytes per CJK
+    #: character): long prompts belong in the body of a POST.
+    max_url_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    #: Bytes of the header fields after the request line; more is a 431.
+    max_header_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    #: A connection has this long to send a whole request head, the idle time of a kept-alive
+    #: connection before it included (then it is closed, as Tornado's idle timeout).
+    header_timeout_s: float = field(default=75.0, metadata=_range(0.01, 3600))
+    #: A request body has this long to arrive whole after its head: 408 after that.
+    body_timeout_s: float = field(default=30.0, metadata=_range(0.01, 3600))
     max_streams: int = field(default=1000, metadata=_range(1, 1_000_000))
     max_messages: int = field(default=256, metadata=_range(1, 100_000))
     #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
