@@ -29,6 +29,7 @@ import functools
 import http
 import socket
 import typing
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -106,14 +107,17 @@ async def answer_and_close(sock: socket.socket, response: bytes, linger_s: float
         sock.close()
 
 
+#: Takes over the socket of a refused connection: answers ``error`` and closes it.
+Refuse = Callable[[socket.socket, errors.RequestError], None]
+
+
 class _HeadGuard(IOStream):
     """A connection's stream that judges every request head Tornado reads from it."""
 
-    def __init__(self, sock: socket.socket, limits: HeadLimits,
-                 refuse: Any, **kwargs: Any) -> None:
+    def __init__(self, sock: socket.socket, limits: HeadLimits, refuse: Refuse,
+                 **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._limits = limits
-        #: ``refuse(sock, error)`` answers and closes a refused connection.
         self._refuse = refuse
         self._reading_head = False
         self._refusal: errors.RequestError | None = None
@@ -182,7 +186,7 @@ class HTTPServer(tornado.httpserver.HTTPServer):
 
     def _refuse(self, address: tuple[Any, ...], sock: socket.socket,
                 error: errors.RequestError) -> None:
-        log.warning("request_refused", status=error.http_status(), error_code=error.code,
+        log.warning("request_refused", status=error.http_status(), error_code=error.error_code(),
                     reason=error.message, remote_ip=address[0] if address else None)
         task = asyncio.get_running_loop().create_task(
             answer_and_close(sock, http_response(error)))
