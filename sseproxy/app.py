@@ -21,7 +21,7 @@ import tornado.httpserver
 import tornado.netutil
 import tornado.web
 
-from . import config, handlers, mockupstream
+from . import config, handlers, httpserver, mockupstream
 from .config import Settings
 from .errors import ConfigError
 from .handlers import Deps, StreamSlots
@@ -84,15 +84,23 @@ def make_metrics_app(deps: Deps) -> tornado.web.Application:
     )
 
 
+#: Tornado closes a connection whose body is late this long after ``limits.body_timeout_s``:
+#: a backstop for URLs that take no body (the OpenAI endpoint answers 408 before it).
+BODY_TIMEOUT_BACKSTOP_S = 1.0
+
+
 def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
-    return tornado.httpserver.HTTPServer(
+    limits = settings.limits
+    return httpserver.HTTPServer(
         app,
+        head_limits=httpserver.HeadLimits(limits.max_url_bytes, limits.max_header_bytes),
         xheaders=True,
         # Bodies past limits.max_body_bytes get a 413 from the handler, which discards the
         # rest as it arrives (so the client can read the answer); this only cuts off a client
         # that keeps sending long after that.
-        max_body_size=max(16 * settings.limits.max_body_bytes, 64 << 20),
-        idle_connection_timeout=75,
+        max_body_size=max(16 * limits.max_body_bytes, 64 << 20),
+        idle_connection_timeout=limits.header_timeout_s,
+        body_timeout=limits.body_timeout_s + BODY_TIMEOUT_BACKSTOP_S,
     )
 
 

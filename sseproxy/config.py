@@ -17,6 +17,7 @@ import difflib
 import importlib.util
 import math
 import os
+import stat
 import tomllib
 import types
 import typing
@@ -98,6 +99,17 @@ class StallSettings:
 @dataclass(frozen=True)
 class LimitsSettings:
     max_body_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
+    #: Bytes of the request line (method, URL with its query, version); longer is a 414.
+    #: An EventSource ``prompt`` travels in it percent-encoded (up to 9 bytes per CJK
+    #: character): long prompts belong in the body of a POST.
+    max_url_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    #: Bytes of the header fields after the request line; more is a 431.
+    max_header_bytes: int = field(default=65_536, metadata=_range(1024, 16 << 20))
+    #: A connection has this long to send a whole request head, the idle time of a kept-alive
+    #: connection before it included (then it is closed, as Tornado's idle timeout).
+    header_timeout_s: float = field(default=75.0, metadata=_range(0.01, 3600))
+    #: A request body has this long to arrive whole after its head: 408 after that.
+    body_timeout_s: float = field(default=30.0, metadata=_range(0.01, 3600))
     max_streams: int = field(default=1000, metadata=_range(1, 1_000_000))
     max_messages: int = field(default=256, metadata=_range(1, 100_000))
     #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
@@ -298,17 +310,51 @@ def _personas(raw: Any) -> dict[str, Persona]:
     return personas
 
 
+#: Largest config file read (a file this big is a mistake, not a configuration).
+MAX_CONFIG_BYTES = 16 << 20
+
+
 def read_file(path: str) -> dict[str, Any]:
-    """Parse a TOML config file (no validation beyond TOML syntax)."""
+    """Parse a TOML config file (no validation beyond TOML syntax).
+
+    Every way the file can be unusable is a :class:`ConfigError` naming it: missing,
+    unreadable, not a regular file (a directory, a FIFO, a device: refused without
+    reading, so a FIFO cannot block the caller), not UTF-8, not TOML.
+    """
     try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
+        # O_NONBLOCK: opening a FIFO for reading would otherwise wait for a writer.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         raise ConfigError(f"config file {path!r} not found") from None
     except OSError as exc:
-        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from exc
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from None
+    try:
+        mode = os.fstat(fd).st_mode
+        if not stat.S_ISREG(mode):
+            kind = "a directory" if stat.S_ISDIR(mode) else "not a regular file"
+            raise ConfigError(f"config file {path!r} is {kind}")
+        os.set_blocking(fd, True)
+        with os.fdopen(fd, "rb") as f:
+            fd = -1  # the file object owns it now
+            data = f.read(MAX_CONFIG_BYTES + 1)
+    except OSError as exc:
+        raise ConfigError(f"config file {path!r} cannot be read: {exc.strerror}") from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise ConfigError(f"config file {path!r} is larger than {MAX_CONFIG_BYTES} bytes")
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {path!r} is not valid UTF-8 (byte {exc.start}: "
+                          f"{data[exc.start:exc.start + 1]!r})") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
-        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from exc
+        raise ConfigError(f"config file {path!r} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(f"config file {path!r} is not valid TOML: nested too deeply") from None
 
 
 def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:

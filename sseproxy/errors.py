@@ -8,7 +8,13 @@ exceptions are translated into it once, at the boundary where they happen
     ├── ConfigError                    (start-up / reload only, never sent to a client)
     ├── RequestError                   invalid_request        400
     │   ├── UnknownPersona             unknown_persona        400
-    │   └── BodyTooLarge               body_too_large         413
+    │   ├── BodyTooLarge               body_too_large         413
+    │   ├── RequestTimeout             request_timeout        408 (body not in within
+    │   │                                                      limits.body_timeout_s)
+    │   ├── UriTooLong                 uri_too_long           414 (request line over
+    │   │                                                      limits.max_url_bytes)
+    │   └── HeadersTooLarge            headers_too_large      431 (header fields over
+    │                                                          limits.max_header_bytes)
     ├── Overloaded                     overloaded             429 (an ``event: error`` on
     │                                                          EventSource URLs, never a 503)
     ├── ServerShutdown                 server_shutdown        503 (mid-stream: an error event,
@@ -101,6 +107,21 @@ class UnknownPersona(RequestError):
 class BodyTooLarge(RequestError):
     status = 413
     code = "body_too_large"
+
+
+class RequestTimeout(RequestError):
+    status = 408
+    code = "request_timeout"
+
+
+class UriTooLong(RequestError):
+    status = 414
+    code = "uri_too_long"
+
+
+class HeadersTooLarge(RequestError):
+    status = 431
+    code = "headers_too_large"
 
 
 class Overloaded(SSEProxyError):

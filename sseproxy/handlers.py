@@ -256,6 +256,7 @@ class StreamingHandler(BaseHandler):
             self.request.connection.stream.close()
 
     def on_connection_close(self) -> None:
+        super().on_connection_close()  # (fails a body read still pending)
         self._mark_gone()
         if self.session is not None:
             self.session.client_closed()
@@ -323,6 +324,29 @@ class ChatCompletionsHandler(StreamingHandler):
                 f"the request body has {length} bytes; at most {limit} are allowed")
             self.rejected(too_large)
             self.send_error_object(too_large)
+            return
+        self._body_timer = asyncio.get_running_loop().call_later(
+            self.cfg.limits.body_timeout_s, self._body_timed_out)
+
+    _body_timer: asyncio.TimerHandle | None = None
+
+    def _body_timed_out(self) -> None:
+        """The body did not arrive whole within ``limits.body_timeout_s``: 408 (Tornado
+        then closes the connection, as the body was not read to its end)."""
+        if not self._finished:
+            late = errors.RequestTimeout(
+                f"the request body did not arrive within {self.cfg.limits.body_timeout_s:g} s")
+            self.rejected(late)
+            self.send_error_object(late)
+
+    def _stop_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def on_connection_close(self) -> None:
+        self._stop_body_timer()
+        super().on_connection_close()
 
     def data_received(self, chunk: bytes) -> None:
         if self._too_large:
@@ -333,6 +357,9 @@ class ChatCompletionsHandler(StreamingHandler):
             self._body = bytearray()
 
     async def post(self) -> None:
+        self._stop_body_timer()
+        if self._finished:  # answered while the body arrived (408)
+            return
         limit = self.cfg.limits.max_body_bytes
         try:
             if self._too_large:

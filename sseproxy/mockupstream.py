@@ -31,7 +31,9 @@ Endpoints
     ``errors`` (a 400, or a scripted ``error_status``, ``error_at`` or ``drop_at``),
     so ``requests == open + completed + cancelled + errors`` (unless a reset came
     while requests were open: reset zeroes every counter but ``open``). Relay
-    tests poll this to prove upstream requests get cancelled.
+    tests poll this to prove upstream requests get cancelled. A cancelled request
+    is logged in the access log with status ``499`` (as nginx does), also when its
+    ``200`` headers had gone out.
 
 Knobs (:class:`Scenario`)
 -------------------------
@@ -777,6 +779,10 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         except StreamClosedError:
             outcome = "cancelled"
         finally:
+            if outcome == "cancelled":
+                # In the access log only (the client has gone), as nginx logs it: a
+                # cancelled stream is not a plain 200, also when its headers went out.
+                self.set_status(499, "Client Closed Request")
             self.stats.open -= 1
             self.stats.count(outcome)
 
@@ -792,7 +798,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             self.send_json(400, _error_body(str(exc), "invalid_request_error", "invalid_scenario"))
             return "errors"
         if scenario.header_delay_s and not await self._sleep(scenario.header_delay_s):
-            return self._cancelled()
+            return "cancelled"
         if scenario.error_status:
             type_, code, message = _status_error(scenario, scenario.error_status)
             if scenario.error_status == 429:
@@ -807,10 +813,6 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         if request.stream:
             return await self._stream(scenario, request, tokens, chunk_id, finish)
         return await self._complete(scenario, request, tokens, chunk_id, finish)
-
-    def _cancelled(self) -> Outcome:
-        self.set_status(499, "Client Closed Request")  # for the access log only
-        return "cancelled"
 
     async def _sleep(self, seconds: float) -> bool:
         return await self._sleep_until(asyncio.get_running_loop().time() + seconds)
@@ -954,7 +956,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         if 0 <= scenario.stall_at <= end:
             duration += scenario.stall_s
         if duration and not await self._sleep(duration):
-            return self._cancelled()
+            return "cancelled"
         if end == scenario.drop_at:
             self._drop()
             return "errors"

@@ -363,6 +363,11 @@ class StreamSession:
         #: Frames of the current upstream read, written when the read has been parsed.
         self._held: list[bytes] = []
         self._logged = False
+        #: Loop times for "who pays when a client leaves": when the client went away, when
+        #: sseproxy cancelled an upstream request still running, when that request was closed.
+        self._left_at: float | None = None
+        self._cancelled_at: float | None = None
+        self._upstream_closed_at: float | None = None
         metrics.streams_active.inc()
         #: This stream's share of the per-event metrics (summed at each scrape).
         self.tally = metrics.tallies.open()
@@ -445,6 +450,8 @@ class StreamSession:
             log.exception("stream_internal_error", stream_id=self.stream_id)
             self._fail(errors.SSEProxyError("sseproxy failed while relaying this reply"))
         finally:
+            if self._cancelled_at is not None:
+                self._upstream_closed_at = self._loop.time()
             self.upstream_watch.end()
             self._accepted.set()
 
@@ -486,6 +493,7 @@ class StreamSession:
         upstream response) half-way."""
         task = self._pump_task
         if task is not None and not task.done() and not task.cancelling():
+            self._cancelled_at = self._loop.time()
             task.cancel()
 
     async def stop(self) -> None:
@@ -515,6 +523,8 @@ class StreamSession:
 
     def client_closed(self) -> None:
         """The client went away: stop the upstream now and wake the writer."""
+        if self._left_at is None:
+            self._left_at = self._loop.time()
         if self.outcome is None:
             self.outcome = Outcome.CLIENT_CLOSED
         self.channel.close()
@@ -731,5 +741,16 @@ class StreamSession:
             error_code=self.error.error_code() if self.error else None,
             prompt_tokens=usage.get("prompt_tokens"),
             completion_tokens=usage.get("completion_tokens"),
+            **self._cancel_fields(),
             **self.log_fields,
         )
+
+    def _cancel_fields(self) -> dict[str, Any]:
+        """Who pays when a client leaves: ``upstream_cancelled`` (an upstream request still
+        running was cancelled) and ``cancel_after_s`` (from the client leaving, or sseproxy
+        deciding to stop, until the upstream response was closed; null if it was not)."""
+        closed, since = self._upstream_closed_at, self._left_at
+        if since is None:
+            since = self._cancelled_at
+        after = None if closed is None or since is None else round(max(0.0, closed - since), 4)
+        return {"upstream_cancelled": self._cancelled_at is not None, "cancel_after_s": after}

@@ -198,9 +198,14 @@ def parse_json(body: bytes) -> dict[str, Any]:
     if not body:
         raise errors.RequestError("the request body is empty; expected a JSON object")
     try:
-        obj = json.loads(body, parse_constant=_no_constant, parse_float=_finite)
-    except UnicodeDecodeError:
-        raise errors.RequestError("the request body is not UTF-8") from None
+        # Strict UTF-8 (RFC 8259), BOM allowed: json.loads(bytes) would guess UTF-16/32 and
+        # let UTF-8-encoded surrogates (ED A0 80) through, which cannot be sent on.
+        text = body.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise errors.RequestError(
+            f"the request body is not UTF-8 (invalid byte at offset {exc.start})") from None
+    try:
+        obj = json.loads(text, parse_constant=_no_constant, parse_float=_finite)
     except ValueError as exc:
         raise errors.RequestError(f"the request body is not valid JSON: {exc}") from None
     if _SURROGATE_ESCAPE.search(body):

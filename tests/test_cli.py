@@ -17,6 +17,7 @@ from pathlib import Path
 import httpx
 import openai
 import pytest
+from test_config import UNUSABLE, make_unusable
 
 from sseproxy import sse
 from sseproxy.mockupstream import Scenario, make_tokens
@@ -181,6 +182,63 @@ def test_sighup_reloads_pacing_and_a_bad_file_keeps_the_running_settings(
     assert "pacing.target_lag_s = 'soon'" in failure["reason"]
     assert 'sseproxy_config_reloads_total{result="ok"} 1.0' in metrics
     assert 'sseproxy_config_reloads_total{result="error"} 1.0' in metrics
+
+
+@pytest.mark.parametrize("command", ["check-config", "serve"])
+def test_an_unusable_config_file_exits_2_naming_the_file(tmp_path: Path, command: str) -> None:
+    # issue 12 point 4: a file that is not UTF-8 crashed both commands with a traceback (rc 1)
+    path = tmp_path / "sseproxy.toml"
+    for kind, needle in sorted(UNUSABLE.items()):
+        make_unusable(path, kind)
+        args = [str(path)] if command == "check-config" else ["--config", str(path)]
+        out = subprocess.run([sys.executable, "-m", "sseproxy", command, *args],
+                             env=clean_env(), capture_output=True, text=True, timeout=30)
+        assert out.returncode == 2, (kind, out.stderr)
+        assert out.stderr.startswith("sseproxy: configuration error: "), (kind, out.stderr)
+        assert repr(str(path)) in out.stderr and needle in out.stderr, (kind, out.stderr)
+        assert "Traceback" not in out.stderr
+
+
+def wait_for_count(log: Path, needle: str, count: int, within: float = 10.0) -> list[str]:
+    """Wait until ``count`` log lines hold ``needle``; return those lines."""
+    deadline = time.monotonic() + within
+    while True:
+        lines = [line for line in log.read_text().splitlines() if needle in line]
+        if len(lines) >= count:
+            return lines
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{needle!r} not {count} times in the log:\n{log.read_text()}")
+        time.sleep(0.05)
+
+
+def test_sighup_with_an_unusable_config_file_logs_the_failure_and_keeps_serving(
+    tmp_path: Path,
+) -> None:
+    # issue 12 point 4: a file that is not UTF-8 escaped the SIGHUP handler as "Exception in
+    # callback", uncounted; issue 13 point 7: a FIFO blocked the event loop
+    conf = tmp_path / "sseproxy.toml"
+    conf.write_text("[pacing]\nmode = \"off\"\n")
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    kinds = sorted(UNUSABLE)
+    with process("serve", "--config", str(conf), "--port", str(port), url=base + "/healthz",
+                 log=log) as proc:
+        for n, kind in enumerate(kinds, 1):
+            make_unusable(conf, kind)
+            proc.send_signal(signal.SIGHUP)
+            wait_for_count(log, "config_reload_failed", n)
+            assert httpx.get(base + "/healthz", timeout=5).status_code == 200
+        events = read_events(base + "/v1/chat/stream?prompt=x")
+        metrics = httpx.get(base + "/metrics").text
+    failures = [json.loads(line) for line in log.read_text().splitlines()
+                if "config_reload_failed" in line]
+    assert [f["file"] for f in failures] == [str(conf)] * len(kinds)
+    for failure, kind in zip(failures, kinds, strict=True):
+        assert UNUSABLE[kind] in failure["reason"] and repr(str(conf)) in failure["reason"]
+    assert "Exception in callback" not in log.read_text()
+    assert f'sseproxy_config_reloads_total{{result="error"}} {float(len(kinds))}' in metrics
+    assert events[-1].event == "done"
 
 
 def test_metrics_on_a_separate_listener(tmp_path: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import textwrap
@@ -144,6 +145,61 @@ def test_unknown_environment_variable_names_the_nearest() -> None:
 def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
     with pytest.raises(ConfigError, match="not found"):
         config.load(str(tmp_path / "nope.toml"), environ={})
+
+
+#: Every way a config file can be unusable (issue 12 point 4, issue 13 point 7), and what
+#: the error says about it. Each makes a file at ``path`` (a FIFO is made where it would be).
+UNUSABLE: dict[str, str] = {
+    "missing": "not found",
+    "directory": "is a directory",
+    "fifo": "not a regular file",
+    "not_utf8": "not valid UTF-8",
+    "bad_toml": "not valid TOML",
+    "too_deep": "nested too deeply",
+}
+
+
+def make_unusable(path: Path, kind: str) -> None:
+    """Turn ``path`` into an unusable config file of this ``kind`` (see :data:`UNUSABLE`)."""
+    if path.is_dir():
+        path.rmdir()
+    elif path.exists() or path.is_fifo():
+        path.unlink()
+    if kind == "directory":
+        path.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "not_utf8":
+        path.write_bytes(b"[upstream]\nmodel = \"caf\xe9\"\n")  # Latin-1, as editors save
+    elif kind == "bad_toml":
+        path.write_text("[server]\nport = [\n")
+    elif kind == "too_deep":
+        path.write_text("x = " + "[" * 100_000 + "]" * 100_000 + "\n")
+    else:
+        assert kind == "missing"
+
+
+@pytest.mark.parametrize("kind", sorted(UNUSABLE))
+def test_an_unusable_config_file_is_a_config_error_naming_the_file(
+    tmp_path: Path, kind: str
+) -> None:
+    # issue 12 point 4: a file that is not UTF-8 escaped as a UnicodeDecodeError; a FIFO
+    # blocked the reader until a writer came (issue 13 point 7)
+    path = tmp_path / "sseproxy.toml"
+    make_unusable(path, kind)
+    with pytest.raises(ConfigError) as info:
+        config.load(str(path), environ={})
+    assert repr(str(path)) in info.value.message
+    assert UNUSABLE[kind] in info.value.message
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads files whatever their permissions")
+def test_an_unreadable_config_file_is_a_config_error_naming_the_file(tmp_path: Path) -> None:
+    path = Path(write(tmp_path, "[server]\nport = 1\n"))
+    path.chmod(0)
+    with pytest.raises(ConfigError, match="cannot be read: Permission denied") as info:
+        config.load(str(path), environ={})
+    assert repr(str(path)) in info.value.message
 
 
 def test_api_key_comes_from_the_named_variable_and_only_for_openai() -> None:

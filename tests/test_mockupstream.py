@@ -32,9 +32,11 @@ USER = [{"role": "user", "content": "Say something."}]
 
 
 @asynccontextmanager
-async def serving(defaults: Scenario = Scenario(rate=0)) -> AsyncIterator[httpx.AsyncClient]:
+async def serving(
+    defaults: Scenario = Scenario(rate=0), **app_settings: Any
+) -> AsyncIterator[httpx.AsyncClient]:
     """A running simulator and a client whose base URL points at it."""
-    server, port = await mockupstream.start(defaults)
+    server, port = await mockupstream.start(defaults, **app_settings)
     try:
         async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
             yield c
@@ -644,6 +646,35 @@ async def test_client_leaving_anywhere_is_counted_cancelled(io_loop: Any, model:
                     pass
         after = await stats_until(client, lambda s: s["open"] == 0)
     assert after == stats(cancelled=1)
+
+
+@pytest.mark.parametrize("model", [
+    "mock?tokens=100&rate=1",  # waiting for the next token
+    "mock?tokens=5&stall_at=2&stall_s=30",  # during a stall
+    "mock?header_delay_s=30",  # before any answer
+    "mock?first_delay_s=30",  # after the headers
+    "mock?tokens=100&rate=1&stream=false",  # (stream: false, below) before the body
+])
+async def test_the_access_log_records_a_request_the_client_left_as_499(
+    io_loop: Any, model: str
+) -> None:
+    # issue 12 point 5: a stream cancelled after its headers was logged as a plain 200
+    logged: list[tuple[str, int]] = []
+    stream = not model.endswith("&stream=false")
+    model = model.removesuffix("&stream=false")
+
+    def access_log(handler: Any) -> None:
+        logged.append((handler.request.path, handler.get_status()))
+
+    async with serving(log_function=access_log) as c:
+        with pytest.raises(httpx.ReadTimeout):
+            async with c.stream("POST", "/v1/chat/completions", json=chat(model, stream),
+                                timeout=httpx.Timeout(5, read=0.3)) as response:
+                async for _ in response.aiter_raw():
+                    pass
+        after = await stats_until(c, lambda s: s["open"] == 0)
+    assert after == stats(cancelled=1)
+    assert [status for path, status in logged if path == "/v1/chat/completions"] == [499]
 
 
 async def test_many_concurrent_streams(io_loop: Any) -> None:

@@ -583,6 +583,57 @@ async def test_a_body_over_the_limit_is_refused_by_nginx_as_json(io_loop: Any) -
     assert stats["requests"] == 0
 
 
+async def raw_exchange(url: str, request: bytes) -> bytes:
+    """Send ``request`` on a new connection (while reading); all that comes back."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port_of(url))
+
+    async def send() -> None:
+        try:
+            writer.write(request)
+            await writer.drain()
+        except ConnectionError:
+            pass
+
+    sending = asyncio.create_task(send())
+    try:
+        return await asyncio.wait_for(reader.read(-1), 20)
+    finally:
+        sending.cancel()
+        writer.close()
+
+
+@pytest.mark.parametrize("prompt_bytes, by", [(70_000, "sseproxy"), (200_000, "nginx")])
+async def test_a_prompt_too_long_for_the_url_is_414_json_through_nginx(
+    io_loop: Any, prompt_bytes: int, by: str
+) -> None:
+    # issue 12 point 3: nginx's 8k buffers refused long URLs with an HTML page; now sseproxy
+    # answers up to nginx's 128k, and nginx above it, both in JSON
+    request = (b"GET /v1/chat/stream?prompt=" + b"a" * prompt_bytes + b" HTTP/1.1\r\n"
+               b"Host: x\r\nConnection: close\r\n\r\n")
+    async with behind_nginx() as (r, ngx):
+        with capture_logs() as logs:
+            raw = await raw_exchange(ngx.url, request)
+        stats = await r.mock_stats()
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"414", raw[:300]
+    assert b"application/json" in head.lower()
+    error = json.loads(body)["error"]
+    assert error["code"] == "uri_too_long" and "POST /v1/chat/completions" in error["message"]
+    refused = [log for log in logs if log["event"] == "request_refused"]
+    assert len(refused) == (by == "sseproxy")
+    assert stats["requests"] == 0
+
+
+async def test_a_header_line_too_large_for_nginx_is_431_json(io_loop: Any) -> None:
+    request = (b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Big: " + b"b" * 200_000
+               + b"\r\nConnection: close\r\n\r\n")
+    async with behind_nginx() as (_r, ngx):
+        raw = await raw_exchange(ngx.url, request)
+    head, _, body = raw.partition(b"\r\n\r\n")
+    assert head.split(b" ", 2)[1] == b"431", raw[:300]
+    assert json.loads(body)["error"]["code"] == "headers_too_large"
+
+
 # --- (f) request ids and client addresses reach sseproxy ---------------------------------
 
 

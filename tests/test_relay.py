@@ -498,6 +498,8 @@ async def test_a_client_that_resets_mid_stream_ends_it_as_client_closed(io_loop:
     "content, status, needle",
     [
         (b"{oops", 400, "not valid JSON"),
+        # issue 13 point 7: a UTF-8-encoded surrogate was a 500 with a traceback
+        (b'{"messages": [{"role": "user", "content": "\xed\xa0\x80"}]}', 400, "not UTF-8"),
         (json.dumps({"messages": []}).encode(), 400, "'messages'"),
         (json.dumps({"messages": CHAT, "persona": "ninja"}).encode(), 400, "pirate"),
         (json.dumps({"messages": [{"role": "user", "content": "x" * 3000}]}).encode(), 413,
@@ -703,3 +705,63 @@ async def test_a_reload_applies_to_new_streams_only(io_loop: Any, tmp_path: Any)
         new_stream = await stream("GET", es_url(r.url))
     assert len(old_stream.events) == 1401  # started before the reload: unpaced
     assert len(new_stream.events) < 200  # started after it: paced
+
+
+# --- who pays when a client leaves (issue 12 point 5) ----------------------------------------
+
+
+async def stream_line(logs: list[dict[str, Any]], within: float = 10.0) -> dict[str, Any]:
+    """The canonical ``stream`` log line, once it has been written."""
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + within
+    while not any(e["event"] == "stream" for e in logs):
+        assert loop.time() < deadline, "no stream line was logged"
+        await asyncio.sleep(0.02)
+    return next(e for e in logs if e["event"] == "stream")
+
+
+@pytest.mark.parametrize("method, path, body", [
+    ("GET", "/v1/chat/stream?prompt=hi", None),
+    ("POST", "/v1/chat/completions", {"messages": CHAT, "stream": True}),
+])
+async def test_the_stream_line_of_a_client_that_left_says_the_upstream_was_cancelled(
+    io_loop: Any, method: str, path: str, body: dict[str, Any] | None
+) -> None:
+    async with running(Scenario(rate=20, tokens=10_000)) as r:
+        with capture_logs() as logs:
+            got = await stream(method, r.url + path, json=body, stop_after=2)
+            line = await stream_line(logs)
+        await r.wait_mock("cancelled", 1, within=5)
+    assert len(got.events) == 2
+    assert line["outcome"] == "client_closed"
+    assert line["upstream_cancelled"] is True
+    assert 0 <= line["cancel_after_s"] < 1.0
+
+
+async def test_the_stream_line_says_no_upstream_was_cancelled_when_it_had_finished(
+    io_loop: Any,
+) -> None:
+    # The whole reply arrived at once and is being paced out when the client leaves:
+    # the client left, but the upstream request had already been paid in full.
+    slow_pacing = {"pacing__mode": "smooth", "pacing__target_lag_s": 30,
+                   "pacing__max_lag_s": 60, "pacing__drain_s": 60}
+    async with running(Scenario(rate=0, tokens=1400, burst=8192), **slow_pacing) as r:
+        with capture_logs() as logs:
+            async with httpx.AsyncClient(timeout=10) as c:
+                async with c.stream("GET", r.url + "/v1/chat/stream?prompt=hi") as resp:
+                    chunks = resp.aiter_raw()
+                    await anext(chunks)
+                    await r.wait_mock("completed", 1, within=5)
+                    await chunks.aclose()
+            line = await stream_line(logs)
+    assert line["outcome"] == "client_closed"
+    assert line["upstream_cancelled"] is False and line["cancel_after_s"] is None
+
+
+async def test_the_stream_line_of_a_completed_stream_cancelled_nothing(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        with capture_logs() as logs:
+            await stream("GET", r.url + "/v1/chat/stream?prompt=hi")
+            line = await stream_line(logs)
+    assert line["outcome"] == "completed"
+    assert line["upstream_cancelled"] is False and line["cancel_after_s"] is None

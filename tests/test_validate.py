@@ -80,6 +80,9 @@ def test_text_parts_count_towards_the_limit() -> None:
         (b'{"messages": [{"role": "user", "content": "x"}], "user": "\\uDC00y"}',
          "lone surrogate"),
         (b"\xff\xfe", "not"),
+        # issue 13 point 7: a UTF-8-encoded surrogate was read (and then crashed into a 500)
+        (b'{"messages": [{"role": "user", "content": "x\xed\xa0\x80"}]}', "not UTF-8"),
+        (b'{"messages": [{"role": "user", "content": "\xc3"}]}', "not UTF-8"),
         (b"[1, 2]", "JSON object"),
         (body(messages=[]), "'messages' must be a non-empty list"),
         (body(messages="hi"), "'messages' must be a non-empty list"),
