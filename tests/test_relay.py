@@ -6,10 +6,12 @@ Timing assertions check order and overlap with generous margins, never speed.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import socket
 import struct
-from typing import Any
+from collections.abc import AsyncGenerator, MutableMapping
+from typing import Any, cast
 from urllib.parse import quote
 
 import httpx
@@ -710,7 +712,8 @@ async def test_a_reload_applies_to_new_streams_only(io_loop: Any, tmp_path: Any)
 # --- who pays when a client leaves (issue 12 point 5) ----------------------------------------
 
 
-async def stream_line(logs: list[dict[str, Any]], within: float = 10.0) -> dict[str, Any]:
+async def stream_line(logs: list[MutableMapping[str, Any]], within: float = 10.0
+                      ) -> MutableMapping[str, Any]:
     """The canonical ``stream`` log line, once it has been written."""
     loop = asyncio.get_running_loop()
     deadline = loop.time() + within
@@ -743,16 +746,16 @@ async def test_the_stream_line_says_no_upstream_was_cancelled_when_it_had_finish
 ) -> None:
     # The whole reply arrived at once and is being paced out when the client leaves:
     # the client left, but the upstream request had already been paid in full.
-    slow_pacing = {"pacing__mode": "smooth", "pacing__target_lag_s": 30,
-                   "pacing__max_lag_s": 60, "pacing__drain_s": 60}
+    slow_pacing: dict[str, Any] = {"pacing__mode": "smooth", "pacing__target_lag_s": 30,
+                                   "pacing__max_lag_s": 60, "pacing__drain_s": 60}
     async with running(Scenario(rate=0, tokens=1400, burst=8192), **slow_pacing) as r:
         with capture_logs() as logs:
             async with httpx.AsyncClient(timeout=10) as c:
                 async with c.stream("GET", r.url + "/v1/chat/stream?prompt=hi") as resp:
-                    chunks = resp.aiter_raw()
-                    await anext(chunks)
-                    await r.wait_mock("completed", 1, within=5)
-                    await chunks.aclose()
+                    raw = cast(AsyncGenerator[bytes, None], resp.aiter_raw())
+                    async with contextlib.aclosing(raw) as chunks:
+                        await anext(chunks)
+                        await r.wait_mock("completed", 1, within=5)
             line = await stream_line(logs)
     assert line["outcome"] == "client_closed"
     assert line["upstream_cancelled"] is False and line["cancel_after_s"] is None
