@@ -18,16 +18,18 @@ from typing import Any
 
 import structlog
 import tornado.httpserver
+import tornado.httputil
 import tornado.netutil
 import tornado.web
 
 from . import config, handlers, httpserver, mockupstream
 from .config import Settings
 from .errors import ConfigError
-from .handlers import Deps, StreamSlots
+from .handlers import Deps
 from .metrics import Metrics
 from .models import ModelCatalog
-from .session import StallMonitor
+from .registry import StreamRegistry
+from .store.memory import MemoryStore
 from .upstream import UpstreamClient, make_transport
 
 log = structlog.get_logger("sseproxy.app")
@@ -51,13 +53,37 @@ def access_log(handler: tornado.web.RequestHandler, logger: str = "tornado.acces
     )
 
 
+class StreamSafeGZip(tornado.web.GZipContentEncoding):
+    """Tornado's gzip for ordinary responses, never for an event stream: gzip would hold
+    frames back until its buffer fills (``server.compress_response``)."""
+
+    _event_stream = False
+
+    def transform_first_chunk(
+        self, status_code: int, headers: tornado.httputil.HTTPHeaders, chunk: bytes,
+        finishing: bool,
+    ) -> tuple[int, tornado.httputil.HTTPHeaders, bytes]:
+        if headers.get("Content-Type", "").startswith("text/event-stream"):
+            self._event_stream = True
+            return status_code, headers, chunk
+        return super().transform_first_chunk(status_code, headers, chunk, finishing)
+
+    def transform_chunk(self, chunk: bytes, finishing: bool) -> bytes:
+        if self._event_stream:
+            return chunk
+        return super().transform_chunk(chunk, finishing)
+
+
 def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web.Application:
     route = {"deps": deps}
+    stream_id = r"([0-9a-f]{32})"
     routes: list[Any] = [
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, route),
         (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
         (r"/v1/models", handlers.ModelsHandler, route),
         (r"/v1/personas", handlers.PersonasHandler, route),
+        (r"/v1/streams", handlers.StreamsHandler, route),
+        (rf"/v1/streams/{stream_id}", handlers.StreamHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
     ]
@@ -67,7 +93,7 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         routes,
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args=route,
-        compress_response=settings.server.compress_response,
+        transforms=[StreamSafeGZip] if settings.server.compress_response else [],
         log_function=access_log,
         **app_settings,
     )
@@ -109,13 +135,25 @@ async def build_deps(
 ) -> Deps:
     upstream = UpstreamClient(settings, make_transport(settings), base_url=upstream_url,
                               api_key=config.api_key(settings))
-    slots = StreamSlots(settings.limits.max_streams)
-    deps = Deps(settings=settings, upstream=upstream, slots=slots,
-                metrics=metrics if metrics is not None else Metrics(),
-                monitor=StallMonitor(slots.sessions, lambda: deps.settings),
-                models=ModelCatalog(upstream))
-    deps.monitor.start()
+    metrics = metrics if metrics is not None else Metrics()
+    st = settings.store
+    store = MemoryStore(max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
+                        on_evict=metrics.log_evictions.inc)
+    metrics.log_streams.set_function(lambda: store.streams)
+    metrics.log_events.set_function(lambda: store.events)
+    metrics.log_bytes.set_function(lambda: store.bytes)
+    registry = StreamRegistry(settings.limits.max_streams, lambda: deps.settings)
+    deps = Deps(settings=settings, upstream=upstream, registry=registry, store=store,
+                metrics=metrics, models=ModelCatalog(upstream))
+    registry.start()
     return deps
+
+
+async def close_deps(deps: Deps) -> None:
+    """Stop what :func:`build_deps` started."""
+    deps.registry.stop()
+    deps.store.close()
+    await deps.upstream.aclose()
 
 
 def reload_settings(deps: Deps, overrides: Mapping[str, Any] | None = None) -> bool:
@@ -210,8 +248,7 @@ async def serve(
             await asyncio.wait_for(server.close_all_connections(), timeout=2.0)
         except TimeoutError:
             log.warning("connections_left_open")
-        deps.monitor.stop()
-        await deps.upstream.aclose()
+        await close_deps(deps)
         if mock_server is not None:
             mock_server.stop()
             await mock_server.close_all_connections()
@@ -222,17 +259,4 @@ async def serve(
 async def drain(deps: Deps, grace_s: float) -> None:
     """Let running streams finish for ``grace_s``, then end the rest with a
     ``server_shutdown`` error (after what they already received, within ``pacing.drain_s``)."""
-    slots = deps.slots
-    slots.draining = True
-    log.info("draining", streams=slots.active, grace_s=grace_s)
-    loop = asyncio.get_running_loop()
-    deadline = loop.time() + grace_s
-    while slots.active and loop.time() < deadline:
-        await asyncio.sleep(0.05)
-    if slots.active:
-        log.info("ending_streams", streams=slots.active)
-        for session in list(slots.sessions):
-            session.shut_down()
-        deadline = loop.time() + deps.settings.pacing.drain_s + 2.0
-        while slots.active and loop.time() < deadline:
-            await asyncio.sleep(0.05)
+    await deps.registry.drain(grace_s, deps.settings.pacing.drain_s)

@@ -123,6 +123,22 @@ class LimitsSettings:
 
 
 @dataclass(frozen=True)
+class StoreSettings:
+    #: Where stream logs live: ``memory`` (this process).
+    backend: str = field(default="memory", metadata=_choice("memory"))
+    #: A finished stream stays replayable (a reconnect gets its missing tail) this long.
+    ttl_s: float = field(default=600.0, metadata=_range(0, 7 * 86400))
+    #: A generation with no subscriber for this long is cancelled (its log ends with an
+    #: ``abandoned`` error); a reconnect within it resumes the running generation.
+    orphan_grace_s: float = field(default=30.0, metadata=_range(0, 3600))
+    #: Events one stream may hold (an append past it ends the stream with ``log_full``).
+    max_events: int = field(default=100_000, metadata=_range(10, 100_000_000))
+    #: Bytes all retained logs of a process may hold; the oldest finished logs are evicted
+    #: first, and a running stream that still does not fit ends with ``log_full``.
+    max_bytes: int = field(default=256 * 1024 * 1024, metadata=_range(1 << 16, 1 << 40))
+
+
+@dataclass(frozen=True)
 class MetricsSettings:
     #: A separate listener for ``/metrics`` (on ``host``), so it need not be public; 0 serves
     #: ``/metrics`` on the main port.
@@ -174,6 +190,7 @@ class Settings:
     heartbeat: HeartbeatSettings = HeartbeatSettings()
     stall: StallSettings = StallSettings()
     limits: LimitsSettings = LimitsSettings()
+    store: StoreSettings = StoreSettings()
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     personas: Mapping[str, Persona] = field(default_factory=lambda: dict(EXAMPLE_PERSONAS))
@@ -197,6 +214,7 @@ SECTIONS: dict[str, type[Any]] = {
     "heartbeat": HeartbeatSettings,
     "stall": StallSettings,
     "limits": LimitsSettings,
+    "store": StoreSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
 }

@@ -19,6 +19,12 @@ exceptions are translated into it once, at the boundary where they happen
     │                                                          EventSource URLs, never a 503)
     ├── ServerShutdown                 server_shutdown        503 (mid-stream: an error event,
     │                                                          with ``retry:`` on EventSource)
+    ├── StreamEnded                    (how a resumable stream was stopped; always an event)
+    │   ├── Abandoned                  abandoned              nobody followed it for
+    │   │                                                      store.orphan_grace_s
+    │   └── StreamCancelled            cancelled              DELETE /v1/streams/{id}
+    ├── LogFull                        log_full               store.max_events / max_bytes
+    ├── StreamNotFound                 stream_not_found       404 (DELETE of an unknown id)
     ├── SSEDecodeError                 (the codec's own; wrapped into MalformedFrame upstream)
     │   └── EventTooLarge
     └── UpstreamError                                         502 unless said otherwise
@@ -148,6 +154,52 @@ class ServerShutdown(SSEProxyError):
 
     def __init__(self) -> None:
         super().__init__("sseproxy is restarting; reconnect to continue")
+
+
+# --- resumable streams -----------------------------------------------------
+
+
+class StreamEnded(SSEProxyError):
+    """A resumable stream's generation was stopped on purpose (never an HTTP status)."""
+
+    status = 409
+
+
+class Abandoned(StreamEnded):
+    """Nobody followed the stream for ``store.orphan_grace_s``: its upstream was cancelled."""
+
+    code = "abandoned"
+
+    def __init__(self, grace_s: float) -> None:
+        super().__init__(f"nobody followed this stream for {grace_s:g} s "
+                         "(store.orphan_grace_s); its generation was stopped")
+
+
+class StreamCancelled(StreamEnded):
+    """``DELETE /v1/streams/{id}`` stopped the generation."""
+
+    code = "cancelled"
+
+    def __init__(self) -> None:
+        super().__init__("the stream was cancelled")
+
+
+class LogFull(SSEProxyError):
+    """A stream's log, or the store of every log, reached its bound."""
+
+    status = 503
+    code = "log_full"
+
+
+class StreamNotFound(SSEProxyError):
+    """No running or replayable stream has this id."""
+
+    status = 404
+    code = "stream_not_found"
+    type = "invalid_request_error"
+
+    def __init__(self) -> None:
+        super().__init__("no stream with this id (unknown, or expired after store.ttl_s)")
 
 
 # --- the SSE codec ----------------------------------------------------------

@@ -1,6 +1,8 @@
-"""Wire formats: how a session's deltas, end and errors become bytes for one endpoint.
+"""Wire formats: how a stream's log events become bytes for one endpoint.
 
-Two formats share one interface (:class:`Frames`):
+A subscriber reads :class:`~sseproxy.store.Event` items from a stream's log and hands them
+to its connection's format, which turns them into the bytes of one write. Two formats share
+one interface (:class:`Frames`):
 
 * :class:`EventSourceFrames` — the EventSource endpoints: ``retry:`` first,
   ``id: <stream_id>.<n>`` on every event with ``n`` counting 1, 2, 3, … without
@@ -22,6 +24,7 @@ from typing import Any, Protocol
 
 from . import sse
 from .errors import ServerShutdown, SSEProxyError
+from .store import DONE, TEXT, Event
 from .upstream import Delta
 
 HEARTBEAT = sse.encode(comment="ping")
@@ -38,6 +41,15 @@ def dumps(obj: Any) -> str:
 
 class Frames(Protocol):
     heartbeat: bytes
+
+    def opening(self) -> bytes:
+        """What a new connection sends first (``b""`` for none)."""
+
+    def role(self, role: str) -> bytes:
+        """The frame announcing the speaker's role (``b""`` when this format has none)."""
+
+    def events(self, events: list[Event]) -> bytes:
+        """The frames of log events, for one write."""
 
     def delta(self, delta: Delta) -> bytes:
         """The frame for one delta (``b""`` when it carries nothing this format shows)."""
@@ -68,6 +80,25 @@ class EventSourceFrames:
 
     def opening(self) -> bytes:
         return sse.encode(retry=self.retry_ms)
+
+    def role(self, role: str) -> bytes:
+        return b""
+
+    def events(self, events: list[Event]) -> bytes:
+        prefix = self._prefix
+        out = []
+        for n, kind, data in events:
+            if kind == TEXT:
+                out.append(sse.encode_message('{"content":' + _json_string(data) + "}",
+                                              f"{prefix}{n}"))
+            elif kind == DONE:
+                out.append(sse.encode(data, event="done", id=f"{prefix}{n}"))
+            else:
+                # On shutdown, ``retry:`` tells EventSource when to reconnect (elsewhere).
+                retry = self.retry_ms if '"server_shutdown"' in data else None
+                out.append(sse.encode(data, event="error", id=f"{prefix}{n}", retry=retry))
+            self.last_n = n
+        return b"".join(out)
 
     def _next_id(self) -> str:
         self.last_n += 1
@@ -155,6 +186,27 @@ class OpenAIFrames:
 
     def text(self, content: str) -> bytes:
         return self._content_frame(content)
+
+    def opening(self) -> bytes:
+        return b""
+
+    def role(self, role: str) -> bytes:
+        return self._chunk([{"index": 0, "delta": {"role": role, "content": ""},
+                             "finish_reason": None}])
+
+    def events(self, events: list[Event]) -> bytes:
+        out = []
+        for _, kind, data in events:
+            if kind == TEXT:
+                out.append(self._content_frame(data))
+            elif kind == DONE:
+                end = json.loads(data)
+                out.append(self.end(end["finish_reason"], end["usage"]))
+            else:
+                body = json.loads(data)
+                body["error"].pop("retryable", None)
+                out.append(b"data: " + dumps(body).encode() + b"\n\n")
+        return b"".join(out)
 
     def delta(self, delta: Delta) -> bytes:
         if delta.role is None:

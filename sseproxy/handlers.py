@@ -1,9 +1,12 @@
-"""Tornado handlers: thin wiring from a request to validation, a session and a wire format.
+"""Tornado handlers: thin wiring from a request to validation, a generation and subscribers.
 
-Handlers get their dependencies through ``initialize()`` (see :mod:`sseproxy.app`).
-Streaming handlers send their headers before the first token and flush every
-frame as it is written; they never send ``ETag``, ``Content-Length`` or
-``Content-Encoding`` (the app-wide gzip transform is removed for them).
+Handlers get their dependencies through ``initialize()`` (see :mod:`sseproxy.app`). A
+request that starts a reply is validated, admitted by the registry and becomes a
+:class:`~sseproxy.generation.Generation` writing into a log; a request that reads a reply
+(the streaming responses, a reconnect) is a :class:`~sseproxy.subscriber.Subscriber` of that
+log, writing through its connection's :class:`~sseproxy.sink.ConnectionSink`. Streaming
+responses send their headers before the first token; they never carry ``ETag``,
+``Content-Length`` or ``Content-Encoding`` (see :class:`~sseproxy.app.StreamSafeGZip`).
 """
 
 from __future__ import annotations
@@ -14,20 +17,24 @@ import secrets
 import time
 import uuid
 from dataclasses import dataclass
-from collections.abc import Callable
 from typing import Any
 
 import structlog
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import StreamClosedError
 
 from . import __version__, errors, models, validate
 from .config import Settings
-from .frames import EventSourceFrames, OpenAIFrames, dumps
+from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps
+from .generation import Generation
 from .metrics import Metrics
 from .models import ModelCatalog
-from .session import ClientGone, Outcome, StallMonitor, StreamSession
+from .record import Outcome, StreamRecord
+from .registry import StreamRegistry
+from .sink import ClientGone, ConnectionSink
+from .store import DONE, TEXT, EventLog, FollowerClosed, Store
+from .subscriber import Ended, Subscriber
 from .upstream import UpstreamClient
 
 log = structlog.get_logger("sseproxy.http")
@@ -40,47 +47,30 @@ STREAM_HEADERS = {
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:-]{1,128}$")
 
 
-class StreamSlots:
-    """The running streams of this process, counted against ``limits.max_streams``."""
-
-    def __init__(self, limit: int) -> None:
-        self.limit = limit
-        self.active = 0
-        #: Sessions relaying now (a shutdown ends those still running after the grace).
-        self.sessions: set[StreamSession] = set()
-        #: Set when the process is shutting down: /readyz fails, new streams are refused.
-        self.draining = False
-
-    def acquire(self) -> bool:
-        if self.active >= self.limit or self.draining:
-            return False
-        self.active += 1
-        return True
-
-    def release(self, session: StreamSession | None = None) -> None:
-        self.active -= 1
-        if session is not None:
-            self.sessions.discard(session)
-
-    def refusal(self) -> errors.SSEProxyError:
-        """Why a stream cannot start now."""
-        return errors.ServerShutdown() if self.draining else errors.Overloaded(self.limit)
-
-
 @dataclass
 class Deps:
     """What handlers need, built once per process."""
 
     settings: Settings
     upstream: UpstreamClient
-    slots: StreamSlots
+    registry: StreamRegistry
+    store: Store
     metrics: Metrics
-    monitor: StallMonitor
     models: ModelCatalog
 
 
 def new_stream_id() -> str:
-    return secrets.token_hex(12)
+    """128 random bits: knowing a stream's id is what lets a client read or stop it."""
+    return secrets.token_hex(16)
+
+
+_EVENT_ID = re.compile(r"^([0-9a-f]{32})\.([0-9]{1,12})$")
+
+
+def parse_event_id(value: str) -> tuple[str, int] | None:
+    """``<stream_id>.<n>`` of an EventSource event id, or None when it is not one."""
+    match = _EVENT_ID.match(value.strip())
+    return (match[1], int(match[2])) if match else None
 
 
 class BaseHandler(tornado.web.RequestHandler):
@@ -123,21 +113,23 @@ class BaseHandler(tornado.web.RequestHandler):
 
 
 class StreamingHandler(BaseHandler):
-    """Shared parts of the handlers that answer with an event stream."""
+    """Shared parts of the handlers that start a generation or answer with an event stream."""
 
-    session: StreamSession | None = None
+    endpoint = "stream"
+    sink: ConnectionSink | None = None
+    subscriber: Subscriber | None = None
+    generation: Generation | None = None
+    #: Stop the generation as soon as the client leaves (the OpenAI endpoint: SDK clients
+    #: never resume); otherwise it runs on for ``store.orphan_grace_s``.
+    cancel_on_leave = False
+    _left = False
+    _close_when_done = False
 
     def compute_etag(self) -> str | None:
         return None
 
     def start_stream(self) -> None:
         """Set the stream headers (before the first flush)."""
-        # Streams are never compressed: gzip would hold frames back until its buffer fills.
-        # Transforms run at the first flush, so dropping gzip here is in time.
-        self._transforms = [
-            t for t in self._transforms
-            if not isinstance(t, tornado.web.GZipContentEncoding)
-        ]
         for name, value in STREAM_HEADERS.items():
             self.set_header(name, value)
         if isinstance(self.request.connection, HTTP1Connection):
@@ -151,137 +143,65 @@ class StreamingHandler(BaseHandler):
             self.request.headers["Connection"] = "close"
             self.set_header("Connection", "close")
             self._close_when_done = True
+        self.sink = ConnectionSink(self)
 
-    async def send(self, data: bytes) -> None:
-        """:class:`~sseproxy.session.Sink`: write and flush at once.
-
-        A flush that does not complete within ``stall.client_timeout_s`` means the client
-        (or a proxy in between) stopped reading: the session's monitor then drops the
-        client (:meth:`disconnect`), which frees its buffers and ends the stream.
-
-        Once the headers are out, a frame goes straight to the socket when nothing is
-        queued before it; only what the kernel does not take at once goes through
-        Tornado's write buffer (which keeps the order: the direct send is tried only when
-        that buffer is empty).
-        """
-        if not self._raw_known and self._headers_written:
-            self._raw, self._raw_known = self._raw_stream(), True
-        raw = self._raw
-        if not data:
-            # (an empty chunk would end a chunked body) Wait for what is queued, if any.
-            if raw is not None and raw.writing():
-                await self._wait_written(lambda: raw.write(b""))
-            return
-        if raw is not None:
-            if self._closed or raw.closed():
-                raise ClientGone
-            if not raw.writing():
-                rest = self._send_direct(raw, data)
-                if rest is not None:
-                    await self._wait_written(lambda: rest)
-                return
-        self.write(data)
-        await self._wait_written(self.flush)
-
-    def ready(self) -> bool:
-        """:class:`~sseproxy.session.DirectSink`: a frame sent now goes straight out."""
-        raw = self._raw
-        return raw is not None and not self._closed and not raw.closed() and not raw.writing()
-
-    def send_now(self, data: bytes) -> bool:
-        """:class:`~sseproxy.session.DirectSink`: send without waiting (after :meth:`ready`);
-        the rest, if any, waits in the write buffer and the next :meth:`send` behind it."""
-        if not data or self._raw is None:
-            return True
-        return self._send_direct(self._raw, data) is None
-
-    def _send_direct(self, raw: IOStream, data: bytes) -> asyncio.Future[None] | None:
-        """Send a frame on the socket; the write of what the kernel did not take, if any."""
-        frame = b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data
-        try:
-            sent = raw.socket.send(frame)
-        except BlockingIOError:
-            sent = 0
-        except OSError as exc:
-            raw.close(exc_info=exc)  # tells the handler (on_connection_close)
-            raise ClientGone from None
-        if sent < len(frame):
-            return raw.write(memoryview(frame)[sent:])
-        return None
-
-    async def _wait_written(self, start: Callable[[], asyncio.Future[None]]) -> None:
-        try:
-            flushed = start()
-            if not flushed.done():
-                # Tornado forgets a pending flush when the connection closes, so wait for
-                # the close notification too.
-                gone = self._gone = asyncio.get_running_loop().create_future()
-                try:
-                    await asyncio.wait((flushed, gone), return_when=asyncio.FIRST_COMPLETED)
-                finally:
-                    self._gone = None
-                if not flushed.done():
-                    raise ClientGone
-            flushed.result()
-        except StreamClosedError:
-            raise ClientGone from None
-        if self._closed:  # Tornado may also resolve the flush of a closed connection
-            raise ClientGone
-
-    _closed = False
-    _gone: asyncio.Future[None] | None = None
-    #: The plain TCP stream that frames go to directly once the headers are out (``None``
-    #: when there is none, e.g. under TLS: then every frame goes through Tornado).
-    _raw: IOStream | None = None
-    _raw_known = False
-    _chunked = False
-
-    def _raw_stream(self) -> IOStream | None:
-        conn = self.request.connection
-        if not isinstance(conn, HTTP1Connection) or type(conn.stream) is not IOStream:
-            return None
-        # HTTP1Connection.write_headers records its framing in the headers it wrote.
-        self._chunked = self._headers.get("Transfer-Encoding") == "chunked"
-        return conn.stream
-
-    def _mark_gone(self) -> None:
-        self._closed = True
-        if self._gone is not None and not self._gone.done():
-            self._gone.set_result(None)
-
-    def disconnect(self) -> None:
-        """Drop a client that stopped reading: close its socket and end the pending flush."""
-        self._mark_gone()
-        if isinstance(self.request.connection, HTTP1Connection):
-            self.request.connection.stream.close()
-
-    def on_connection_close(self) -> None:
-        super().on_connection_close()  # (fails a body read still pending)
-        self._mark_gone()
-        if self.session is not None:
-            self.session.client_closed()
-
-    def new_session(self, req: validate.ChatRequest, stream_id: str) -> StreamSession:
+    def new_generation(self, req: validate.ChatRequest, stream_id: str, *,
+                       retained: bool) -> Generation:
+        """Start the generation of ``req`` in the registry (after admission)."""
         structlog.contextvars.bind_contextvars(stream_id=stream_id)
         fields: dict[str, Any] = {"persona": req.persona, "model": req.model,
                                   "prompt_chars": req.prompt_chars}
         if self.cfg.logging.log_prompts:
             fields["prompt"] = req.messages[-1].get("content")
-        self.session = StreamSession(
-            self.deps.upstream,
-            req.upstream_body(),
-            settings=self.cfg,
-            metrics=self.deps.metrics,
-            stream_id=stream_id,
-            endpoint=self.endpoint,
-            request_id=self.request_id,
-            log_fields=fields,
-        )
-        self.session.disconnect = self.disconnect
-        self.deps.slots.sessions.add(self.session)
-        return self.session
+        record = StreamRecord(self.deps.metrics, stream_id, self.endpoint, fields)
+        log_ = self.deps.store.create(stream_id, retained=retained)
+        generation = Generation(self.deps.upstream, req.upstream_body(), log=log_,
+                                record=record, settings=self.cfg,
+                                request_id=self.request_id)
+        self.generation = generation
+        self.deps.registry.add(generation)
+        return generation
 
-    endpoint = "stream"
+    async def follow(self, log_: EventLog, after: int, frames: Frames,
+                     record: StreamRecord) -> Ended:
+        """Subscribe this connection to ``log_`` after event ``after`` until it ends."""
+        assert self.sink is not None
+        stall = self.cfg.stall
+        subscriber = self.subscriber = Subscriber(
+            log_, after, frames, self.sink, record, heartbeat_s=self.cfg.heartbeat.interval_s,
+            stall_threshold_s=stall.threshold_s, client_timeout_s=stall.client_timeout_s)
+        registry = self.deps.registry
+        registry.attach(subscriber)
+        try:
+            try:
+                await self.sink.open()  # the headers go out now, before the first event
+            except ClientGone:
+                self._left = True
+            if self._left:
+                subscriber.client_closed()
+            ended = await subscriber.run(frames.opening())
+        finally:
+            registry.detach(subscriber)
+        if ended is not Ended.FINAL:
+            record.client_left()
+            if self.cancel_on_leave and self.generation is not None:
+                outcome = (Outcome.CLIENT_STALLED if ended is Ended.DROPPED
+                           else Outcome.CLIENT_CLOSED)
+                self.generation.stop(outcome)
+        self.finish_quietly()
+        return ended
+
+    def on_connection_close(self) -> None:
+        super().on_connection_close()  # (fails a body read still pending)
+        self._left = True
+        if self.sink is not None:
+            self.sink.mark_gone()
+        if self.subscriber is not None:
+            self.subscriber.client_closed()
+        elif self.cancel_on_leave and self.generation is not None:
+            # Left while the upstream had not answered yet (or during stream: false).
+            self.generation.record.client_left()
+            self.generation.stop(Outcome.CLIENT_CLOSED)
 
     def rejected(self, error: errors.SSEProxyError) -> None:
         """A request refused before any upstream call: counted and logged as a stream
@@ -290,7 +210,14 @@ class StreamingHandler(BaseHandler):
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 
-    _close_when_done = False
+    def admit(self) -> errors.SSEProxyError | None:
+        """Why a new stream cannot start now (counted as rejected), or None."""
+        try:
+            self.deps.registry.check_admission()
+        except errors.SSEProxyError as exc:
+            self.rejected(exc)
+            return exc
+        return None
 
     def finish_quietly(self) -> None:
         if not self._finished:
@@ -306,12 +233,54 @@ class StreamingHandler(BaseHandler):
         if isinstance(self.request.connection, HTTP1Connection):
             self.request.connection.stream.close()
 
+    # -- resumes -----------------------------------------------------------------------
+
+    def last_event_id(self) -> str:
+        """``Last-Event-ID`` (a reconnect), or the ``last_event_id`` query of a first connect."""
+        return (self.request.headers.get("Last-Event-ID")
+                or self.get_query_argument("last_event_id", "") or "")
+
+    async def resume(self, last_id: str, stream_id: str | None = None) -> None:
+        """Follow a stream from the position ``last_id`` names: replay what was missed,
+        then follow live. Unknown, expired or fully delivered streams get ``204``, which
+        stops EventSource for good; a reconnect never starts a new generation."""
+        parsed = parse_event_id(last_id)
+        if parsed is None or (stream_id is not None and parsed[0] != stream_id):
+            error = errors.RequestError(
+                "'Last-Event-ID' must be an event id of this stream (<stream_id>.<n>)")
+            self.send_error_object(error)
+            return
+        sid, position = parsed
+        log_ = self.deps.store.get(sid)
+        if log_ is None or (log_.ended and position >= log_.last):
+            log.info("resume_refused", stream_id=sid, position=position,
+                     reason="unknown or expired" if log_ is None else "already complete")
+            self.set_status(204)
+            self.finish()
+            return
+        structlog.contextvars.bind_contextvars(stream_id=sid)
+        metrics = self.deps.metrics
+        metrics.resumes.inc()
+        record = self.deps.registry.record_of(sid)
+        if record is None:
+            record = StreamRecord(metrics, sid, self.endpoint, late=True)
+        record.resumes += 1
+        self.generation = self.deps.registry.get(sid)
+        self.start_stream()
+        self.set_header("X-Stream-ID", sid)
+        frames = EventSourceFrames(sid, self.cfg.server.retry_ms)
+        replayed = max(0, log_.last - min(position, log_.last))
+        metrics.replayed_events.inc(replayed)
+        log.info("resume", stream_id=sid, position=position, replay=replayed)
+        await self.follow(log_, position, frames, record)
+
 
 @tornado.web.stream_request_body
 class ChatCompletionsHandler(StreamingHandler):
     """``POST /v1/chat/completions``: the OpenAI-compatible endpoint."""
 
     endpoint = "chat_completions"
+    cancel_on_leave = True
 
     def prepare(self) -> None:
         super().prepare()
@@ -369,90 +338,98 @@ class ChatCompletionsHandler(StreamingHandler):
             self.rejected(exc)
             self.send_error_object(exc)
             return
-        if not self.deps.slots.acquire():
-            refusal = self.deps.slots.refusal()
-            self.rejected(refusal)
+        refusal = self.admit()
+        if refusal is not None:
             self.send_error_object(refusal)
             return
-        try:
-            await self._relay(req)
-        finally:
-            self.deps.slots.release(self.session)
-
-    async def _relay(self, req: validate.ChatRequest) -> None:
         stream_id = new_stream_id()
-        session = self.new_session(req, stream_id)
+        generation = self.new_generation(req, stream_id, retained=False)
         try:
-            await session.accepted()
+            await generation.accepted()
         except errors.SSEProxyError as exc:
-            session.reject(exc)
-            self.send_error_object(exc)
+            if not self._left:
+                self.send_error_object(exc)
             return
-        except ClientGone:
-            await session.stop()
-            session.log_line()
+        if self._left:
             return
         completion_id = f"chatcmpl-{stream_id}"
         created = int(time.time())
         if not req.stream:
-            await self._collect(session, req, completion_id, created)
+            await self._collect(generation, req, completion_id, created)
             return
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
+        assert self.sink is not None
         frames = OpenAIFrames(completion_id, created, req.model, req.include_usage,
-                              reported=lambda: session.model)
-        try:
-            await self.flush()
-        except StreamClosedError:
-            session.client_closed()
-        await session.relay(self, frames)
-        self.finish_quietly()
+                              reported=lambda: generation.model)
+        await self.follow(generation.log, 0, frames, generation.record)
 
-    async def _collect(
-        self, session: StreamSession, req: validate.ChatRequest, completion_id: str, created: int
-    ) -> None:
+    async def _collect(self, generation: Generation, req: validate.ChatRequest,
+                       completion_id: str, created: int) -> None:
+        """``stream: false``: read the whole reply from the live log, then answer once."""
+        follower = generation.log.follow(0)
+        loop = asyncio.get_running_loop()
+        record = generation.record
+        text: list[str] = []
+        final = None
+        size, limit = 0, self.cfg.limits.max_reply_bytes
         try:
-            text = await session.collect()
-        except errors.SSEProxyError as exc:
-            self.send_error_object(exc)
-            return
-        except ClientGone:
+            while final is None:
+                for event in await follower.next(loop.time() + 3600.0):
+                    if event.kind == TEXT:
+                        record.first_text()
+                        size += len(event.data.encode("utf-8", "surrogatepass"))
+                        if size > limit:
+                            text.clear()
+                            too_large = errors.ReplyTooLarge(limit)
+                            generation.stop(Outcome.UPSTREAM_ERROR, too_large)
+                            if not self._left:
+                                self.send_error_object(too_large)
+                            return
+                        text.append(event.data)
+                    else:
+                        final = event
+        except FollowerClosed:
             return
         finally:
-            if session.outcome is not Outcome.COMPLETED:
-                session.log_line()
+            follower.close()
+            self.deps.registry.reader_done(generation)
+        if self._left:
+            return
+        if final.kind != DONE:
+            assert record.error is not None
+            self.send_error_object(record.error)
+            return
         body = dumps({
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
-            "model": session.model or req.model,
+            "model": generation.model or req.model,
             "choices": [{
                 "index": 0,
-                "message": {"role": "assistant", "content": text},
-                "finish_reason": session.finish_reason,
+                "message": {"role": "assistant", "content": "".join(text)},
+                "finish_reason": record.finish_reason,
             }],
-            "usage": dict(session.usage) if session.usage else None,
+            "usage": dict(record.usage) if record.usage else None,
         }).encode()
-        session.record_body(len(body))
+        record.sent(1, len(body))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(body)
-        session.log_line()
 
 
 class ChatStreamHandler(StreamingHandler):
-    """``GET /v1/chat/stream?prompt=…&persona=…``: the one-turn EventSource endpoint."""
+    """``GET /v1/chat/stream?prompt=…&persona=…``: the one-turn EventSource endpoint.
+
+    It creates a resumable stream and subscribes to it; a reconnect (``Last-Event-ID``)
+    resumes that stream and never starts another generation.
+    """
 
     endpoint = "chat_stream"
 
     async def get(self) -> None:
-        last_id = self.request.headers.get("Last-Event-ID") or self.get_query_argument(
-            "last_event_id", ""
-        )
+        last_id = self.last_event_id()
         if last_id:
-            # A reconnect never starts a new generation; 204 stops EventSource for good.
-            log.info("reconnect_refused", last_event_id=last_id[:200])
-            self.set_status(204)
-            self.finish()
+            await self.resume(last_id)
             return
         args = {k: self.get_query_argument(k) for k in ("prompt", "persona")
                 if self.get_query_argument(k, None) is not None}
@@ -466,46 +443,84 @@ class ChatStreamHandler(StreamingHandler):
         frames = EventSourceFrames(stream_id, self.cfg.server.retry_ms)
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
-        if not self.deps.slots.acquire():
+        refusal = self.admit()
+        if refusal is not None:
             # Never a bare 503 on an EventSource URL: the browser would not say why.
-            refusal = self.deps.slots.refusal()
-            self.rejected(refusal)
-            await self._send_quietly(frames.opening() + frames.error(refusal))
+            assert self.sink is not None
+            try:
+                await self.sink.send(frames.opening() + frames.error(refusal))
+            except ClientGone:
+                pass
             self.finish_quietly()
             return
+        generation = self.new_generation(req, stream_id, retained=True)
+        await self.follow(generation.log, 0, frames, generation.record)
+
+
+class StreamsHandler(StreamingHandler):
+    """``POST /v1/streams``: start a resumable generation; ``201 {"id", "events_url"}``."""
+
+    endpoint = "streams"
+
+    async def post(self) -> None:
+        body = self.request.body
+        limit = self.cfg.limits.max_body_bytes
         try:
-            session = self.new_session(req, stream_id)
-            session.start()
-            try:
-                await session.write(self, frames.opening())
-            except ClientGone:
-                session.client_closed()
-            await session.relay(self, frames)
-        finally:
-            self.deps.slots.release(self.session)
-        self.finish_quietly()
-
-    async def _send_quietly(self, data: bytes) -> None:
-        try:
-            await self.send(data)
-        except ClientGone:
-            pass
-
-
-class HealthHandler(BaseHandler):
-    async def get(self) -> None:
-        self.set_header("Cache-Control", "no-store")
-        self.finish({"status": "ok", "version": __version__})
+            if len(body) > limit:
+                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
+            req = validate.stream_start(body, self.cfg)
+        except errors.RequestError as exc:
+            self.rejected(exc)
+            self.send_error_object(exc)
+            return
+        refusal = self.admit()
+        if refusal is not None:
+            self.send_error_object(refusal)
+            return
+        stream_id = new_stream_id()
+        self.new_generation(req, stream_id, retained=True)
+        url = f"/v1/streams/{stream_id}"
+        self.set_status(201)
+        self.set_header("Location", url)
+        self.set_header("Content-Type", "application/json; charset=utf-8")
+        self.finish(dumps({"id": stream_id, "object": "stream", "events_url": url}))
 
 
-class ReadyHandler(BaseHandler):
-    async def get(self) -> None:
-        self.set_header("Cache-Control", "no-store")
-        slots = self.deps.slots
-        if slots.draining:
-            self.set_status(503)
-        self.finish({"status": "draining" if slots.draining else "ready",
-                     "streams": slots.active})
+class StreamHandler(StreamingHandler):
+    """``GET /v1/streams/{id}`` (EventSource, resumable) and ``DELETE`` (stop it)."""
+
+    endpoint = "streams"
+
+    async def get(self, stream_id: str) -> None:
+        last_id = self.last_event_id()
+        if last_id:
+            await self.resume(last_id, stream_id)
+            return
+        log_ = self.deps.store.get(stream_id)
+        if log_ is None:
+            log.info("stream_unknown", stream_id=stream_id)
+            self.set_status(204)
+            self.finish()
+            return
+        structlog.contextvars.bind_contextvars(stream_id=stream_id)
+        record = self.deps.registry.record_of(stream_id)
+        if record is None:
+            record = StreamRecord(self.deps.metrics, stream_id, self.endpoint, late=True)
+        self.generation = self.deps.registry.get(stream_id)
+        self.start_stream()
+        self.set_header("X-Stream-ID", stream_id)
+        await self.follow(log_, 0, EventSourceFrames(stream_id, self.cfg.server.retry_ms),
+                          record)
+
+    async def delete(self, stream_id: str) -> None:
+        generation = self.deps.registry.get(stream_id)
+        if generation is not None:
+            generation.stop(Outcome.CANCELLED, errors.StreamCancelled())
+        elif self.deps.store.get(stream_id) is None:
+            self.send_error_object(errors.StreamNotFound())
+            return
+        self.set_status(204)
+        self.finish()
 
 
 class ModelsHandler(BaseHandler):
@@ -520,6 +535,22 @@ class PersonasHandler(BaseHandler):
 
     async def get(self) -> None:
         self.finish(models.personas(self.cfg))
+
+
+class HealthHandler(BaseHandler):
+    async def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        self.finish({"status": "ok", "version": __version__})
+
+
+class ReadyHandler(BaseHandler):
+    async def get(self) -> None:
+        self.set_header("Cache-Control", "no-store")
+        registry = self.deps.registry
+        if registry.draining:
+            self.set_status(503)
+        self.finish({"status": "draining" if registry.draining else "ready",
+                     "streams": registry.active})
 
 
 class MetricsHandler(BaseHandler):

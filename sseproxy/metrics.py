@@ -37,7 +37,7 @@ from prometheus_client.process_collector import ProcessCollector
 from . import __version__
 
 #: The ``outcome`` of a stream; the canonical log line uses the same words.
-OUTCOMES = ("completed", "client_closed", "client_stalled", "upstream_error",
+OUTCOMES = ("completed", "client_closed", "client_stalled", "abandoned", "upstream_error",
             "upstream_timeout", "cancelled", "rejected", "internal_error")
 #: ``side`` of a stall: the model sent nothing, or the client (or a proxy) is not reading.
 SIDES = ("upstream", "client")
@@ -204,6 +204,21 @@ class Metrics:
         self.resumes = Counter(
             "sseproxy_resumes", "Reconnects that resumed a stream with Last-Event-ID.",
             registry=r)
+        self.replayed_events = Counter(
+            "sseproxy_replayed_events", "Events sent again to reconnecting subscribers.",
+            registry=r)
+        self.log_streams = Gauge(
+            "sseproxy_log_streams", "Stream logs held for replay (running and finished).",
+            registry=r)
+        self.log_events = Gauge(
+            "sseproxy_log_events", "Events held in stream logs.", registry=r)
+        self.log_bytes = Gauge(
+            "sseproxy_log_bytes", "Bytes held in stream logs (text plus per-event overhead).",
+            registry=r)
+        self.log_evictions = Counter(
+            "sseproxy_log_evictions",
+            "Finished stream logs dropped before their store.ttl_s to stay within "
+            "store.max_bytes.", registry=r)
         self.config_reloads = Counter(
             "sseproxy_config_reloads", "Configuration reloads (SIGHUP), by result.",
             ["result"], registry=r)

@@ -16,6 +16,7 @@ import json
 import math
 import re
 from collections.abc import Mapping
+import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -281,3 +282,15 @@ def stream_query(args: Mapping[str, str], settings: Settings) -> ChatRequest:
         include_usage=True,
         prompt_chars=len(prompt),
     )
+
+
+def stream_start(body: bytes, settings: Settings) -> ChatRequest:
+    """Validate a ``POST /v1/streams`` body: ``messages``, optional ``persona`` and ``model``,
+    and the parameters the chat endpoint relays (the reply is always streamed)."""
+    obj = parse_json(body)
+    if obj.get("stream") is False:
+        raise errors.RequestError("'stream' must be true here (a stream is always streamed)")
+    obj.pop("stream", None)
+    obj.pop("stream_options", None)
+    req = chat_completion(json.dumps(obj).encode(), settings)
+    return dataclasses.replace(req, stream=True, include_usage=True)

@@ -97,8 +97,7 @@ async def running(
     finally:
         server.stop()
         await server.close_all_connections()
-        deps.monitor.stop()
-        await deps.upstream.aclose()
+        await app.close_deps(deps)
         mock_server.stop()
         await mock_server.close_all_connections()
 
@@ -168,16 +167,18 @@ async def stream(
 
 
 @asynccontextmanager
-async def silent_client(r: Running, path: str = "/v1/chat/stream?prompt=hi"
-                        ) -> AsyncIterator[socket.socket]:
-    """A raw client with a tiny receive buffer that sends a GET and never reads."""
+async def silent_client(r: Running, path: str = "/v1/chat/stream?prompt=hi",
+                        request: bytes | None = None) -> AsyncIterator[socket.socket]:
+    """A raw client with a tiny receive buffer that sends a GET (or ``request``) and never
+    reads."""
     sock = socket.socket()
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
         sock.setblocking(False)
         loop = asyncio.get_running_loop()
         await loop.sock_connect(sock, ("127.0.0.1", int(r.url.rsplit(":", 1)[1])))
-        await loop.sock_sendall(sock, f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
+        await loop.sock_sendall(
+            sock, request or f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode())
         yield sock
     finally:
         sock.close()

@@ -13,16 +13,13 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
-from fakes import chunk, client, responder
 from servers import Running, running, silent_client, stream
 from structlog.testing import capture_logs
 from tornado.testing import bind_unused_port
 
-from sseproxy import __version__, app, config, metrics
-from sseproxy.frames import EventSourceFrames
+from sseproxy import __version__, app, metrics
 from sseproxy.metrics import Metrics
 from sseproxy.mockupstream import Scenario
-from sseproxy.session import StreamSession
 
 FAST = Scenario(rate=0, tokens=5)
 CHAT = [{"role": "user", "content": "hi"}]
@@ -200,48 +197,7 @@ async def test_outcome_rejected_when_overloaded(io_loop: Any) -> None:
         assert value(r, "sseproxy_streams_total", outcome="rejected") == 1
 
 
-def session(parts: list[Any], m: Metrics, **upstream: Any) -> StreamSession:
-    handler, _ = responder(parts=parts)
-    return StreamSession(client(handler, **upstream), {"model": "m", "messages": []},
-                         settings=config.Settings(), metrics=m, stream_id="s", endpoint="t")
-
-
-class Sink:
-    def __init__(self) -> None:
-        self.data = b""
-
-    async def send(self, data: bytes) -> None:
-        self.data += data
-
-
-async def test_outcome_cancelled_when_the_relay_is_cancelled(io_loop: Any) -> None:
-    # e.g. the server shutting down under a running stream
-    m = Metrics()
-    s = session([chunk("a"), 30.0], m)
-    with capture_logs() as logs:
-        task = asyncio.create_task(s.relay(Sink(), EventSourceFrames("s", 1)))
-        await asyncio.sleep(0.1)
-        task.cancel()
-        with pytest.raises(asyncio.CancelledError):
-            await task
-    assert outcomes(logs) == ["cancelled"]
-    assert value(m, "sseproxy_streams_total", outcome="cancelled") == 1
-    assert value(m, "sseproxy_streams_active") == 0
-
-
-async def test_outcome_internal_error(io_loop: Any) -> None:
-    async def broken(request: httpx.Request) -> httpx.Response:
-        raise RuntimeError("a bug")
-
-    m = Metrics()
-    s = StreamSession(client(broken), {}, settings=config.Settings(), metrics=m,
-                      stream_id="s", endpoint="t")
-    sink = Sink()
-    with capture_logs() as logs:
-        await s.relay(sink, EventSourceFrames("s", 1))
-    assert b"event: error" in sink.data and b"a bug" not in sink.data
-    assert outcomes(logs) == ["internal_error"]
-    assert value(m, "sseproxy_streams_total", outcome="internal_error") == 1
+# The cancelled and internal_error outcomes: tests/test_streams.py.
 
 
 # --- stalls, told apart by side ------------------------------------------------------------

@@ -1,0 +1,287 @@
+"""A generation: one upstream request whose deltas go through the pacer into a stream's log.
+
+The data path is ``upstream → pacer → EventLog``; nothing here writes to a client. Text
+arrives in the upstream's byte callback (:meth:`Generation._on_delta`); with pacing off it
+is appended to the log at once, otherwise the pacer decides when each piece leaves and one
+timer per stream releases the queued pieces at their due time. When the upstream ends, what
+the pacer still holds is drained within ``pacing.drain_s`` and the log ends with exactly
+one ``done`` or ``error`` event.
+
+Backpressure pauses the upstream socket (its TCP window fills) in two cases: the pacer
+holds more than :data:`PACER_HIGH_WATER` characters not yet released, or a live log (one
+reader, ``POST /v1/chat/completions``) holds more than its high-water mark unread. A
+retained log never waits for its readers: a subscriber that stops reading is dropped, and
+the generation goes on for the others (the log is bounded by ``store.*`` instead).
+
+A generation is stopped with :meth:`Generation.stop` and a reason (a client that left, a
+``DELETE``, the orphan grace, the server shutting down): the upstream request is cancelled
+and closed, the received text is drained, and the reason becomes the final event.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import structlog
+
+from . import errors
+from .config import Settings
+from .frames import dumps, error_object
+from .pacing import Pacer
+from .record import Outcome, StallWatch, StreamRecord, outcome_of
+from .store import DONE, ERROR, LIVE_HIGH_WATER, LIVE_LOW_WATER, TEXT, EventLog
+from .upstream import ChatStream, Delta, UpstreamClient
+
+log = structlog.get_logger("sseproxy.generation")
+
+#: Characters the pacer may hold before the upstream read is paused…
+PACER_HIGH_WATER = 256 * 1024
+#: … and resumed.
+PACER_LOW_WATER = 64 * 1024
+#: How long a cancelled upstream request gets to close its response.
+CLOSE_TIMEOUT_S = 2.0
+
+
+class Generation:
+    """One upstream generation appending to one log."""
+
+    def __init__(
+        self,
+        upstream: UpstreamClient,
+        body: Mapping[str, Any],
+        *,
+        log: EventLog,
+        record: StreamRecord,
+        settings: Settings,
+        request_id: str | None = None,
+    ) -> None:
+        self.upstream = upstream
+        self.body = body
+        self.log = log
+        log.on_space = self.on_space
+        self.record = record
+        self.settings = settings
+        self.stream_id = log.stream_id
+        self.request_id = request_id
+        self._loop = asyncio.get_running_loop()
+        self._pacer = Pacer(settings.pacing)
+        self._paced = settings.pacing.mode != "off"
+        self.upstream_watch = StallWatch("upstream", settings.stall.threshold_s,
+                                         self._loop.time, record.stall_changed)
+        self._chat: ChatStream | None = None
+        self._usage: Mapping[str, Any] | None = None
+        self._finish: str | None = None
+        self._accepted = asyncio.Event()
+        self._open_error: errors.SSEProxyError | None = None
+        self._task: asyncio.Task[None] | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._backlog = 0
+        self._paused = False
+        self._stop_reason: tuple[Outcome, errors.SSEProxyError | None] | None = None
+        #: Set once the final event is in the log.
+        self.ended = asyncio.Event()
+        #: Called once, after the final event (the registry frees the stream's slot).
+        self.on_end: Callable[[Generation], None] | None = None
+        #: Loop time since when nobody follows the stream (the registry's orphan grace).
+        self.orphan_since: float | None = None
+
+    @property
+    def model(self) -> str | None:
+        """The model the upstream says it used, once it said so."""
+        return self._chat.model if self._chat is not None else None
+
+    # -- lifecycle ---------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._task is None:
+            self._task = asyncio.create_task(self._drive(), name=f"generation-{self.stream_id}")
+
+    async def accepted(self) -> None:
+        """Wait until the upstream accepted the request; raise its error if it did not."""
+        self.start()
+        await self._accepted.wait()
+        if self._open_error is not None:
+            raise self._open_error
+
+    def stop(self, outcome: Outcome, error: errors.SSEProxyError | None = None) -> None:
+        """Cancel the upstream request; ``error`` (if any) becomes the final event after what
+        was received has been drained. The first reason wins."""
+        if self._stop_reason is None and not self.ended.is_set():
+            self._stop_reason = (outcome, error)
+            self.record.finished(outcome, error)
+        self._cancel_pump()
+
+    def _cancel_pump(self) -> None:
+        """Cancel the pump once: a second cancel would interrupt its clean-up (closing the
+        upstream response) half-way."""
+        task = self._pump_task
+        if task is not None and not task.done() and not task.cancelling():
+            task.cancel()
+            self.record.upstream_cancelled()
+
+    async def wait_closed(self) -> None:
+        """Wait until the generation ended (its upstream response closed)."""
+        task = self._task
+        if task is not None and not task.done():
+            await asyncio.wait([task], timeout=CLOSE_TIMEOUT_S + self.settings.pacing.drain_s)
+
+    # -- the upstream ------------------------------------------------------------------
+
+    async def _pump(self) -> None:
+        self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
+        chat.waits = self.upstream_watch
+        try:
+            await chat.connect()
+        except errors.SSEProxyError as exc:
+            self.record.upstream_answered(chat.status, exc)
+            raise
+        self.record.upstream_answered(chat.status, None)
+        async with chat:
+            self._accepted.set()
+            await chat.run(self._on_delta)
+
+    def _on_delta(self, delta: Delta) -> None:
+        """Called by the upstream stream for each delta, as its bytes arrive."""
+        if delta.usage is not None:
+            self._usage = delta.usage
+        if delta.finish_reason is not None:
+            self._finish = delta.finish_reason
+        if delta.role is not None and self.log.role is None:
+            self.log.role = delta.role
+            self.log.touch()
+        text = delta.content
+        if not text:
+            return
+        try:
+            if self._paced:
+                now = self._loop.time()
+                self._pacer.push(text, now)
+                self._backlog += len(text)
+                self._release(now)
+            else:
+                self.log.append(TEXT, text)
+                self.record.released(0.0)
+        except errors.LogFull as exc:
+            self.stop(outcome_of(exc), exc)
+            return
+        if self.log.unread_bytes > 0 or self._backlog > PACER_HIGH_WATER:
+            self._pressure()
+
+    def _pressure(self) -> None:
+        if (self.log.unread_bytes > LIVE_HIGH_WATER or self._backlog > PACER_HIGH_WATER) \
+                and not self._paused and self._chat is not None:
+            self._paused = True
+            self._chat.pause()
+
+    def on_space(self) -> None:
+        """A live log's reader caught up (or the pacer drained): read the upstream again."""
+        if self._paused and self._backlog <= PACER_LOW_WATER and self._chat is not None:
+            if self.log.unread_bytes <= LIVE_LOW_WATER:
+                self._paused = False
+                self._chat.resume()
+
+    # -- pacing ------------------------------------------------------------------------
+
+    def _release(self, now: float) -> None:
+        """Append every piece due by ``now``; arm the timer for the next one."""
+        pacer = self._pacer
+        for piece in pacer.pull(now):
+            self.log.append(TEXT, piece.text)
+            self._backlog -= len(piece.text)
+            self.record.released(max(0.0, now - piece.arrived))
+        if self._paused:
+            self.on_space()
+        due = pacer.next_due()
+        timer = self._timer
+        if due is None:
+            if timer is not None:
+                timer.cancel()
+                self._timer = None
+        elif timer is None or abs(timer.when() - due) > 1e-6:
+            if timer is not None:
+                timer.cancel()
+            self._timer = self._loop.call_at(due, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        try:
+            self._release(self._loop.time())
+        except errors.LogFull as exc:
+            self.stop(outcome_of(exc), exc)
+
+    # -- the driver --------------------------------------------------------------------
+
+    async def _drive(self) -> None:
+        final: errors.SSEProxyError | None = None
+        try:
+            self._pump_task = pump = asyncio.create_task(
+                self._pump(), name=f"upstream-{self.stream_id}")
+            if self._stop_reason is not None:
+                self._cancel_pump()
+            await asyncio.wait([pump])
+            self.record.upstream_closed()
+            if pump.cancelled():
+                reason = self._stop_reason[1] if self._stop_reason else None
+                final = reason or errors.StreamCancelled()
+            elif isinstance(pump.exception(), errors.SSEProxyError):
+                final = pump.exception()  # type: ignore[assignment]
+            elif pump.exception() is not None:
+                log.error("generation_internal_error", stream_id=self.stream_id,
+                          exc_info=pump.exception())
+                final = errors.SSEProxyError("sseproxy failed while relaying this reply")
+            if not self._accepted.is_set():
+                self._open_error = final or errors.IncompleteStream("the upstream ended early")
+                self._accepted.set()
+            self.upstream_watch.end()
+            await self._drain()
+            self._append_final(final)
+        except Exception:  # the log must end whatever happened here
+            log.exception("generation_failed", stream_id=self.stream_id)
+            self._append_final(errors.SSEProxyError("sseproxy failed while relaying this reply"))
+        finally:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
+            self.upstream_watch.end()
+            self._accepted.set()
+            self.log.end()
+            self.ended.set()
+            if self.on_end is not None:
+                self.on_end(self)
+
+    async def _drain(self) -> None:
+        """Release what the pacer holds, on its schedule (within ``pacing.drain_s``)."""
+        pacer = self._pacer
+        if self._stop_reason is not None and self._stop_reason[0] in (
+                Outcome.CLIENT_CLOSED, Outcome.CLIENT_STALLED):
+            return  # nobody reads a live stream whose client left
+        pacer.finish(self._loop.time())
+        while pacer.pending:
+            due = pacer.next_due()
+            if due is None:
+                break
+            delay = due - self._loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            try:
+                self._release(self._loop.time())
+            except errors.LogFull:
+                break
+
+    def _append_final(self, error: errors.SSEProxyError | None) -> None:
+        if self.log.ended:
+            return
+        if error is None:
+            self.record.finish_reason = self._finish or "stop"
+            self.record.usage = self._usage
+            self.record.finished(Outcome.COMPLETED)
+            data = dumps({"finish_reason": self._finish or "stop", "usage": self._usage})
+            kind = DONE
+        else:
+            self.record.finished(outcome_of(error), error)
+            data = dumps(error_object(error))
+            kind = ERROR
+        self.log.append(kind, data)  # a final event is never refused (see EventLog.append)

@@ -1,0 +1,142 @@
+"""A subscriber: one client connection reading one stream's log, from a position, then live.
+
+Each connection has exactly one writer loop (:meth:`Subscriber.run`): it takes every event
+the log has after its position (all that is ready goes in one write), turns them into bytes
+with the connection's wire format, writes them through the connection's sink and waits
+until they are out. When nothing arrives for ``heartbeat.interval_s`` it writes a ``: ping``
+comment instead — from the same loop, so a heartbeat never splits a frame.
+
+A reconnect is simply a new subscriber whose position is the ``Last-Event-ID`` it sent:
+it replays what it missed, then follows live. A subscriber ends when it has written the
+final event (``done`` or ``error``), when its client leaves (:meth:`Subscriber.client_closed`,
+or a write that fails), or when it is dropped because its client stopped reading for
+``stall.client_timeout_s`` (:meth:`Subscriber.drop`, called by the registry's sweep). It
+never stops the generation itself: who does what when a client leaves is the handler's
+decision (the OpenAI endpoint cancels at once; resumable streams wait for the orphan grace).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from typing import Protocol
+
+from .frames import Frames
+from .record import StallWatch, StreamRecord
+from .sink import ClientGone
+from .store import TEXT, EventLog, FollowerClosed
+
+#: A heartbeat due this close counts as due (the follower's timer may fire a hair early).
+_SLACK_S = 0.001
+
+
+class Sink(Protocol):
+    async def send(self, data: bytes) -> None:
+        """Write and wait until it is out; raise :class:`ClientGone` when the client left."""
+
+    def drop(self) -> None:
+        """Close the connection of a client that stopped reading."""
+
+
+class Ended(enum.StrEnum):
+    """How a subscriber ended."""
+
+    FINAL = "final"  # wrote the stream's final event
+    GONE = "gone"  # the client left
+    DROPPED = "dropped"  # the client stopped reading and was dropped
+
+
+class Subscriber:
+    """One connection following one log; see the module docstring."""
+
+    def __init__(
+        self,
+        log: EventLog,
+        after: int,
+        frames: Frames,
+        sink: Sink,
+        record: StreamRecord,
+        *,
+        heartbeat_s: float,
+        stall_threshold_s: float,
+        client_timeout_s: float,
+    ) -> None:
+        self.log = log
+        self.frames = frames
+        self.sink = sink
+        self.record = record
+        self.heartbeat_s = heartbeat_s
+        self.client_timeout_s = client_timeout_s
+        self._loop = asyncio.get_running_loop()
+        #: Following starts now, so the stream counts this subscriber from the first moment.
+        self.follower = log.follow(after)
+        #: Events already in the log behind the start position (a resume replays them).
+        self.replayed = log.last - self.follower.position
+        self.watch = StallWatch("client", stall_threshold_s, self._loop.time,
+                                record.stall_changed)
+        self.ended: Ended | None = None
+        self._role_sent = False
+        self._texted = False
+        record.subscribers += 1
+
+    async def run(self, opening: bytes = b"") -> Ended:
+        """Write the log to the client until the final event or the client's end."""
+        loop = self._loop
+        frames = self.frames
+        follower = self.follower
+        heartbeat_s = self.heartbeat_s
+        record = self.record
+        try:
+            if opening:
+                await self._write(opening)
+            last_write = loop.time()
+            while True:
+                events = await follower.next(last_write + heartbeat_s)
+                data = b""
+                if not self._role_sent and self.log.role is not None:
+                    self._role_sent = True
+                    data = frames.role(self.log.role)
+                if events:
+                    data += frames.events(events)
+                    if not self._texted and any(e.kind == TEXT for e in events):
+                        self._texted = True
+                        record.first_text()
+                if data:
+                    await self._write(data)
+                    record.sent(len(events), len(data))
+                    last_write = loop.time()
+                    if events and events[-1].final:
+                        self.ended = Ended.FINAL
+                        return self.ended
+                elif loop.time() - last_write >= heartbeat_s - _SLACK_S:
+                    await self._write(frames.heartbeat)
+                    record.heartbeat()
+                    record.sent(0, len(frames.heartbeat))
+                    last_write = loop.time()
+        except (ClientGone, FollowerClosed):
+            if self.ended is None:
+                self.ended = Ended.GONE
+            return self.ended
+        finally:
+            follower.close()
+            self.watch.end()
+
+    async def _write(self, data: bytes) -> None:
+        self.watch.begin()
+        try:
+            await self.sink.send(data)
+        finally:
+            self.watch.end()
+
+    def client_closed(self) -> None:
+        """The client went away: wake the loop, which ends."""
+        if self.ended is None:
+            self.ended = Ended.GONE
+        self.follower.close()
+
+    def drop(self) -> None:
+        """The client has not read for ``stall.client_timeout_s``: close its connection."""
+        if self.ended is None:
+            self.ended = Ended.DROPPED
+        self.sink.drop()
+        self.follower.close()
