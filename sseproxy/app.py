@@ -24,10 +24,11 @@ import tornado.web
 
 from . import config, handlers, httpserver, mockupstream
 from .config import Settings
-from .errors import ConfigError
+from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
 from .metrics import Metrics
 from .models import ModelCatalog
+from .record import Outcome
 from .registry import StreamRegistry
 from .store.memory import MemoryStore
 from .upstream import UpstreamClient, make_transport
@@ -150,7 +151,11 @@ async def build_deps(
 
 
 async def close_deps(deps: Deps) -> None:
-    """Stop what :func:`build_deps` started."""
+    """Stop what :func:`build_deps` started (generations still running are cancelled)."""
+    running = list(deps.registry.generations.values())
+    for generation in running:
+        generation.stop(Outcome.CANCELLED, ServerShutdown())
+    await asyncio.gather(*(g.wait_closed() for g in running))
     deps.registry.stop()
     deps.store.close()
     await deps.upstream.aclose()

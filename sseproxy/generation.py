@@ -81,6 +81,9 @@ class Generation:
         self._backlog = 0
         self._paused = False
         self._stop_reason: tuple[Outcome, errors.SSEProxyError | None] | None = None
+        #: Set when the rest of the text is not worth draining (the readers are gone, or
+        #: the stream was cancelled); a shutdown still drains within ``pacing.drain_s``.
+        self._halt = asyncio.Event()
         #: Set once the final event is in the log.
         self.ended = asyncio.Event()
         #: Called once, after the final event (the registry frees the stream's slot).
@@ -112,6 +115,8 @@ class Generation:
         if self._stop_reason is None and not self.ended.is_set():
             self._stop_reason = (outcome, error)
             self.record.finished(outcome, error)
+            if outcome is not Outcome.CANCELLED or isinstance(error, errors.StreamCancelled):
+                self._halt.set()  # nobody will read the rest: do not drain it
         self._cancel_pump()
 
     def _cancel_pump(self) -> None:
@@ -255,17 +260,17 @@ class Generation:
     async def _drain(self) -> None:
         """Release what the pacer holds, on its schedule (within ``pacing.drain_s``)."""
         pacer = self._pacer
-        if self._stop_reason is not None and self._stop_reason[0] in (
-                Outcome.CLIENT_CLOSED, Outcome.CLIENT_STALLED):
-            return  # nobody reads a live stream whose client left
         pacer.finish(self._loop.time())
-        while pacer.pending:
+        while pacer.pending and not self._halt.is_set():
             due = pacer.next_due()
             if due is None:
                 break
             delay = due - self._loop.time()
             if delay > 0:
-                await asyncio.sleep(delay)
+                try:
+                    await asyncio.wait_for(self._halt.wait(), delay)
+                except TimeoutError:
+                    pass
             try:
                 self._release(self._loop.time())
             except errors.LogFull:

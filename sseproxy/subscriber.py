@@ -89,6 +89,7 @@ class Subscriber:
         try:
             if opening:
                 await self._write(opening)
+                record.sent(0, len(opening))
             last_write = loop.time()
             while True:
                 events = await follower.next(last_write + heartbeat_s)

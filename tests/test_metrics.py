@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import socket
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -127,11 +128,23 @@ async def test_outcome_completed_with_its_figures(io_loop: Any) -> None:
 
 
 async def test_outcome_client_closed(io_loop: Any) -> None:
-    async with running(Scenario(rate=20, tokens=1000)) as r:
+    # The OpenAI endpoint's client left: its generation is cancelled at once.
+    scenario = Scenario(rate=20, tokens=1000)
+    async with running(scenario) as r:
+        with capture_logs() as logs:
+            await stream("POST", r.url + "/v1/chat/completions", stop_after=3,
+                         json={"model": scenario.to_model(), "messages": CHAT, "stream": True})
+            await r.wait_mock("open", 0, within=3)
+        await check_outcome(r, logs, "client_closed")
+
+
+async def test_outcome_abandoned(io_loop: Any) -> None:
+    # An EventSource client left and nobody came back within store.orphan_grace_s.
+    async with running(Scenario(rate=20, tokens=1000), store__orphan_grace_s=0.2) as r:
         with capture_logs() as logs:
             await stream("GET", es_url(r.url), stop_after=3)
             await r.wait_mock("open", 0, within=3)
-        await check_outcome(r, logs, "client_closed")
+        await check_outcome(r, logs, "abandoned")
 
 
 @pytest.mark.parametrize("scenario, outcome, status", [
@@ -232,11 +245,16 @@ async def test_an_upstream_pause_is_an_upstream_stall_while_it_lasts(io_loop: An
 
 async def test_a_client_that_stops_reading_is_a_client_stall_then_dropped(io_loop: Any) -> None:
     # a long, steady reply: the upstream never pauses, the client never reads
+    # (the OpenAI endpoint: its only client is dropped, so its generation is cancelled)
     flood = Scenario(rate=5000, tokens=100_000)
+    body = json.dumps({"model": flood.to_model(), "messages": CHAT, "stream": True}).encode()
+    request = (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+               b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n%b"
+               % (len(body), body))
     async with running(flood, stall__threshold_s=0.5, stall__client_timeout_s=2.0,
                        sndbuf=8192) as r:
         with capture_logs() as logs:
-            async with silent_client(r):
+            async with silent_client(r, request=request):
                 await r.wait_mock("open", 1, within=5)
                 for _ in range(100):  # the client side stalls once its buffers are full
                     if value(r, "sseproxy_streams_stalled", side="client") == 1:
