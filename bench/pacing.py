@@ -163,8 +163,9 @@ def patterns() -> dict[str, Arrivals]:
 
 
 def run_pacer(settings: PacingSettings, arrivals: Arrivals) -> Events:
-    """A simulated stream loop: push and pull at each arrival, pull at each next_due,
-    finish right after the last arrival."""
+    """A simulated stream loop: push the deltas that arrive together (as the stream loop
+    takes a batch) then pull, pull at each next_due, finish right after the last
+    arrival."""
     pacer = Pacer(settings)
     events: Events = []
     finish_at = arrivals[-1][0]
@@ -174,8 +175,9 @@ def run_pacer(settings: PacingSettings, arrivals: Arrivals) -> Events:
         at = arrivals[i][0] if i < n else (None if finished else finish_at)
         if at is not None and (due is None or at <= due):
             if i < n:
-                pacer.push(arrivals[i][1], at)
-                i += 1
+                while i < n and arrivals[i][0] == at:
+                    pacer.push(arrivals[i][1], at)
+                    i += 1
             else:
                 pacer.finish(at)
                 finished = True
