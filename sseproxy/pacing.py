@@ -269,7 +269,9 @@ def _last_cluster(text: str, start: int, end: int) -> str:
         return ""
     last = text[end - 1]
     if last in _RI:  # regional indicators pair from the start of their run
-        run = text[max(start, end - _LOOK):end]
+        lo = max(start, end - _LOOK)
+        lo += (lo - start) % 2  # pairs start at even offsets from a boundary in a run
+        run = text[lo:end]
         odd = (len(run) - len(run.rstrip(_RI))) % 2
         return text[end - 1 if odd else end - 2:end]
     if last.isascii() and last != "\n" and (end - 1 == start or text[end - 2].isascii()):
@@ -335,7 +337,7 @@ class Pacer:
         "_hold_cap", "_ready", "_ready_units", "_buf", "_buf_start", "_chunks", "_head",
         "_end", "_groups", "_last_event", "_tat", "_last_arrival", "_sent_cluster",
         "_tail", "_ri_run", "_open", "_owed", "_window", "_batches", "_sum_e", "_sum_ea",
-        "_base", "_finished_at", "_due", "_due_stale", "work",
+        "_base", "_finished_at", "_due", "_due_stale",
     )
 
     def __init__(self, settings: PacingSettings) -> None:
@@ -381,9 +383,6 @@ class Pacer:
         #: _queue_due() cached until the queue, the plan or the clock of events changes.
         self._due: float | None = None
         self._due_stale = True
-        #: Characters read by segmentation and boundary searches so far: the pacer's work,
-        #: linear in the text pushed and bounded per call (for tests and benchmarks).
-        self.work = 0
 
     # -- public API ---------------------------------------------------------------------
 
@@ -405,11 +404,10 @@ class Pacer:
             self._base = now
         self._due_stale = True
         self._last_arrival = now
-        if self._head == self._end:
-            text = self._pass(text, now)
-        if text:
-            self._enqueue(text, now)
-            self._note_end(text)
+        rest = self._pass(text, now) if self._head == self._end else text
+        if rest:
+            self._enqueue(rest, now)
+        self._note_end(text)
 
     def finish(self, now: float) -> None:
         """The upstream ended or failed at ``now``: drain the queue within ``drain_s``."""
@@ -507,7 +505,6 @@ class Pacer:
     def _ends_from(self, text: str, pos: int, endpos: int, before: str) -> Iterator[int]:
         """Unit ends in ``text[pos:endpos]``, ``pos`` following the cluster ``before``:
         a continuation of that cluster at ``pos`` stays in the first unit."""
-        self.work += endpos - pos
         if before and _continuation(before, text[pos:pos + _CONTEXT]):
             joined = before + text[pos:endpos]
             shift = pos - len(before)
@@ -561,12 +558,12 @@ class Pacer:
                                             or _UNSPACED_CHAR.match(first))
 
     def _note_end(self, text: str) -> None:
-        """Track whether the queue ends inside an incomplete cluster (held back a tick)."""
+        """Track the end of all text pushed: whether it is inside an incomplete cluster
+        (held back a tick when queued)."""
         self._tail = tail = (self._tail + text[-_CONTEXT:])[-_CONTEXT:]
         last = text[-1]
         if last in _RI:
-            run = text[-_LOOK:]
-            count = len(run) - len(run.rstrip(_RI))
+            count = len(text) - len(text.rstrip(_RI))  # reads the run only
             self._ri_run = self._ri_run + count if count == len(text) else count
             self._open = self._ri_run % 2
         else:
@@ -761,7 +758,6 @@ class Pacer:
         limit = min(end, target + _LOOK)
         self._cover(limit)
         off = self._buf_start
-        self.work += 2 * _LOOK
         m = _SAFE.search(self._buf, target - 1 - off, limit - off)
         if m is None:
             lo = max(head, target - _LOOK) - off

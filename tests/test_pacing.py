@@ -11,15 +11,20 @@ bounds, the event rate, the drain deadline, and ``mode = "off"`` as the identity
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import math
+import random
 from dataclasses import dataclass, replace
 from typing import Any
+from unittest import mock
 
 import pytest
 import regex  # type: ignore[import-untyped]  # no type stubs; used for \X in the oracle
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from sseproxy import pacing
 from sseproxy.pacing import Pacer, PacingSettings, Piece, segment
 
 TICK = 0.025
@@ -634,3 +639,199 @@ def test_property_units_join_to_the_text_and_never_cut_a_cluster(text: str, unit
     for u in units:
         pos += len(u)
         assert pos in bounds
+
+
+# --- long runs without spaces (issue 12, point 7) -------------------------------------
+
+EMOJI_RUN = (FAMILY + THUMBS + US + RAINBOW + KEYCAP + "\U0001f600" + FR) * 40
+URL = "https://example.com/" + "a1b2c3d4/" * 250
+BASE64 = base64.b64encode(random.Random(7).randbytes(1500)).decode()
+
+
+@pytest.mark.parametrize("run", [EMOJI_RUN, URL, BASE64], ids=["emoji", "url", "base64"])
+def test_long_run_without_spaces_is_paced_in_whole_clusters(run: str) -> None:
+    assert len(run.encode()) >= 2000
+    text = "Hi " + run + " end"
+    sent, _ = drive(S, [(0.0, "Hi"), (1.0, " " + run), (5.0, " end")], finish_at=5.0)
+    assert "".join(texts(sent)) == text
+    burst = [x for x in sent if 1.0 <= x.at < 5.0]
+    assert len(burst) >= 10  # spread over target_lag_s, not one 2 KB jump
+    assert max(len(x.piece.text.encode()) for x in sent) <= 1024
+    bounds = cluster_bounds(text)
+    end = 0
+    for x in sent:
+        end += len(x.piece.text)
+        assert end in bounds
+
+
+def test_word_of_long_word_clusters_is_one_unit_and_a_longer_one_is_cut() -> None:
+    assert segment("x" * 16 + " y", "auto") == ["x" * 16 + " ", "y"]
+    assert segment("x" * 17 + " y", "auto") == ["x"] * 16 + ["x ", "y"]
+    assert segment(FAMILY * 17, "auto") == [FAMILY] * 17
+    assert segment(FAMILY * 17, "word") == [FAMILY * 17]
+
+
+# --- a real model's steady stream (issue 12, point 8) ---------------------------------
+
+
+def steady_model_stream(seed: int, n: int = 600) -> list[tuple[float, str]]:
+    """Like a small model served by llama.cpp: ~28 tokens/s, gaps jittered around 35 ms
+    (some under a tick), tokens that split words."""
+    rng = random.Random(seed)
+    vocabulary = ("the model streams tokens one after another while the server relays "
+                  "every piece as it comes understanding particularly approximately").split()
+    tokens: list[str] = []
+    while len(tokens) < n:
+        word = " " + rng.choice(vocabulary)
+        while word:
+            cut = rng.randint(2, 6)
+            tokens.append(word[:cut])
+            word = word[cut:]
+    arrivals, t = [], 0.0
+    for token in tokens[:n]:
+        arrivals.append((t, token))
+        t += rng.triangular(0.020, 0.055, 0.032)
+    return arrivals
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_steady_model_stream_leaves_as_it_arrives(seed: int) -> None:
+    arrivals = steady_model_stream(seed)
+    gaps = [b[0] - a[0] for a, b in zip(arrivals, arrivals[1:])]
+    assert sum(g < TICK for g in gaps) >= 20  # the pattern does come under a tick
+    sent, _ = drive(S, arrivals)
+    assert "".join(texts(sent)) == "".join(d for _, d in arrivals)
+    late = sorted(x.at - x.piece.arrived for x in sent)
+    assert late[int(0.99 * len(late))] < 0.005
+    assert late[-1] <= TICK + EPS
+
+
+# --- cost (issue 13, point 1) ----------------------------------------------------------
+
+
+class CountingPattern:
+    """A compiled pattern that adds to ``tally[0]`` every character it reads."""
+
+    def __init__(self, pattern: Any, tally: list[int]) -> None:
+        self.pattern, self.tally = pattern, tally
+
+    def _span(self, text: str, pos: int, endpos: int | None) -> int:
+        return (len(text) if endpos is None else min(endpos, len(text))) - pos
+
+    def findall(self, text: str, pos: int = 0, endpos: int | None = None) -> Any:
+        self.tally[0] += self._span(text, pos, endpos)
+        return self.pattern.findall(text, pos, len(text) if endpos is None else endpos)
+
+    def finditer(self, text: str, pos: int = 0, endpos: int | None = None) -> Any:
+        read = pos
+        for m in self.pattern.finditer(text, pos, len(text) if endpos is None else endpos):
+            self.tally[0] += m.end() - read
+            read = m.end()
+            yield m
+
+    def match(self, text: str, pos: int = 0, endpos: int | None = None) -> Any:
+        m = self.pattern.match(text, pos, len(text) if endpos is None else endpos)
+        self.tally[0] += (m.end() if m else pos + 1) - pos
+        return m
+
+    def search(self, text: str, pos: int = 0, endpos: int | None = None) -> Any:
+        self.tally[0] += self._span(text, pos, endpos)
+        return self.pattern.search(text, pos, len(text) if endpos is None else endpos)
+
+
+@pytest.fixture
+def work(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Characters the pacer's patterns read (segmentation and boundary searches)."""
+    tally = [0]
+    for name in ("_CLUSTER", "_WORD", "_AUTO", "_ASCII_WORD", "_SAFE", "_SAFE_BACK"):
+        if hasattr(pacing, name):
+            monkeypatch.setattr(pacing, name, CountingPattern(getattr(pacing, name), tally))
+    return tally
+
+
+def drain_counting(pacer: Pacer, tally: list[int], now: float) -> int:
+    """Pull until nothing is pending; the most characters read by one call."""
+    pacer.finish(now)
+    most = 0
+    while pacer.pending:
+        due = pacer.next_due()
+        assert due is not None
+        before = tally[0]
+        pacer.pull(due)
+        most = max(most, tally[0] - before)
+    return most
+
+
+@pytest.mark.parametrize("piece", ["abcdefgh", "\U0001f600" * 4 + FAMILY, "x y z "])
+def test_work_is_linear_in_the_text_of_a_growing_unspaced_run(
+        work: list[int], piece: str) -> None:
+    # Deltas of one run without spaces arriving in one read once re-segmented the whole
+    # growing run on each delta: 4x the text cost 16x the work.
+    def cost(n: int) -> int:
+        work[0] = 0
+        pacer = Pacer(S)
+        pacer.push("Hi", 0.0)
+        pacer.pull(0.0)
+        for _ in range(n):
+            pacer.push(piece, 1.0)
+        drain_counting(pacer, work, 1.0)
+        return work[0]
+
+    small, large = cost(250), cost(1000)
+    assert large <= 6 * small
+    assert large <= 3 * 1000 * len(piece) + 20_000
+
+
+@pytest.mark.parametrize("unit", ["auto", "word", "grapheme", "token"])
+@pytest.mark.parametrize("body", ["x" * 16_000_000, "ab " * 5_000_000,
+                                  (FAMILY + "\u4f60\u597d") * 100_000])
+def test_a_huge_delta_costs_a_bounded_amount_of_work_per_call(
+        work: list[int], unit: str, body: str) -> None:
+    pacer = Pacer(replace(S, unit=unit))
+    pacer.push("Hi", 0.0)
+    pacer.pull(0.0)
+    work[0] = 0
+    pacer.push(body, 1.0)
+    most = work[0]
+    sent = []
+    while pacer.pending:
+        due = pacer.next_due()
+        assert due is not None
+        before = work[0]
+        sent.extend(p.text for p in pacer.pull(due))
+        most = max(most, work[0] - before)
+        if due > 1.2:
+            pacer.finish(due)
+    assert "".join(sent) == body
+    assert most <= 20_000
+    assert len(sent) >= 10 or unit == "token"  # a token stays whole, however long
+
+
+LONG_RUNS = st.one_of(
+    FRAGMENTS,
+    st.builds(lambda f, n: f * n,
+              st.sampled_from([FAMILY, US, THUMBS, "ab", "\u4f60", E_ACUTE, "Z\u0351\u0352",
+                               KEYCAP, "x", "\u0915\u094d\u0937", "\r\n", "\u200d"]),
+              st.integers(5, 400)),
+)
+
+
+@settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(s=pacing_settings(), runs=st.lists(LONG_RUNS, min_size=1, max_size=12),
+       cuts=st.lists(st.integers(1, 3000), max_size=20), gap=GAPS, small=st.booleans())
+def test_property_long_runs_concatenate_exactly_in_whole_clusters(
+        s: PacingSettings, runs: list[str], cuts: list[int], gap: float, small: bool) -> None:
+    text = "".join(runs)
+    bounds_at = sorted({c for c in cuts if c < len(text)})
+    bounds = [0, *bounds_at, len(text)]
+    arrivals = [(1.0 + gap * i, text[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
+    limits = {"_LOOK": 64, "_SEGMENT_MAX": 128} if small else {}
+    small_limits = mock.patch.multiple(pacing, **limits) if limits else contextlib.nullcontext()
+    with small_limits:  # small limits: the local cut searches
+        sent, pacer = drive(s, arrivals, finish_at=arrivals[-1][0] + 1.0)
+    assert "".join(texts(sent)) == text and not pacer.pending
+    clusters = cluster_bounds(text)
+    end = 0
+    for x in sent:
+        end += len(x.piece.text)
+        assert end in clusters or end == x.pushed
