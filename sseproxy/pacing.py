@@ -12,19 +12,24 @@ Rules (``T`` is ``target_lag_s``; one *tick* is ``1 / max_events_per_s``):
 - **Time to first token is untouched.** A small first delta goes out whole at once; of a
   large one, the first unit goes out at once and the rest is paced.
 - **Pass-through.** A delta of at most ``burst_threshold`` units that arrives when
-  nothing is queued and at least a tick after the previous event is one piece, at once,
-  cut as the upstream cut it. Any other delta is queued.
-- **Rate limit.** Pieces are at least a tick apart, so a stream makes at most
-  ``max_events_per_s`` events a second: faster text makes pieces bigger, never events
-  more numerous (a steady 300 tok/s reply becomes 40 events a second of ~6 words each).
-- **Backlog plan.** Between two events, up to ``burst_threshold`` newly queued units
-  are owed at the next tick; anything beyond that (a burst) is owed linearly over ``T``
-  from its arrival. Each piece takes, in order, what is owed by then. So a burst is
-  spread over ``T`` in even pieces on a steady tick; text arriving meanwhile rides along
-  (pieces grow, the drain does not stretch); a steady stream is merged tick by tick; and
-  every unit leaves within ``max(T, tick)`` plus one tick of its arrival. The plan is a
-  running sum kept in O(1) per arrival and per piece: no piece rescans the queue.
-- **Hard bound.** No text waits longer than ``max_lag_s``: a unit that would pass it by
+  nothing is queued is one piece, at once, cut as the upstream cut it, if the rate limit
+  has an event to spare; deltas pushed at the same moment join that piece while the
+  threshold allows. Any other delta is queued. So a stream that is not bursting leaves
+  as it arrives (issue 12, point 8).
+- **Rate limit.** A bucket of two events refilled one per tick (GCRA with a tolerance of
+  one tick): a delta that comes less than a tick after the previous event borrows from
+  the idle time before it instead of waiting for the tick; a queued piece leaves at least
+  a tick after the previous event. A stream makes ``max_events_per_s`` events a second on
+  average and at most one more in any second: faster text makes pieces bigger, never
+  events more numerous (a steady 300 tok/s reply becomes 40 events a second).
+- **Backlog plan.** Between two events, the characters of up to ``burst_threshold``
+  newly queued units are owed at the next tick; the rest (a burst) is owed linearly over
+  ``T`` from its arrival. Each piece takes what is owed by then, up to the next unit
+  boundary. So a burst is spread over ``T`` in pieces of even size on a steady tick; text
+  arriving meanwhile rides along; a steady stream is merged tick by tick; and every
+  character leaves within ``max(T, tick)`` plus one tick of its arrival. The plan is a
+  running sum kept in O(1) per arrival and per piece.
+- **Hard bound.** No text waits longer than ``max_lag_s``: text that would pass it by
   the next tick leaves with the current piece (pieces grow; events never multiply).
 - **Drain.** After :meth:`Pacer.finish`, everything queued leaves within ``drain_s``,
   spread over the ticks left (at once when ``drain_s`` is 0); then ``pending`` is False.
@@ -37,32 +42,46 @@ delta stays one unit, so only merging and the rate limit apply); ``word`` is a w
 its trailing whitespace (whitespace at the very start rides with the first word);
 ``grapheme`` is one extended grapheme cluster; ``auto`` is a word in spaced scripts and
 one grapheme cluster in unspaced ones (Han, Hiragana, Katakana, Thai, Lao, Khmer,
-Myanmar, by the script of the cluster's first character). Clusters come from the
-``regex`` package's ``\\X`` (UAX #29: emoji ZWJ sequences, flags, skin tones, keycaps,
-combining marks, Indic and Thai clusters), so the pacer itself never cuts inside one.
-Each delta is segmented once, on arrival (pure ASCII takes a stdlib fast path).
+Myanmar, by the script of the cluster's first character), and a word of more than
+``LONG_WORD`` (16) clusters (a URL, base64, a run of emoji or of code without spaces) is
+cut one cluster per unit like an unspaced script, so it is paced too (issue 12, point 7).
+Clusters come from the ``regex`` package's ``\\X`` (UAX #29: emoji ZWJ sequences,
+flags, skin tones, keycaps, combining marks, Indic and Thai clusters), so the pacer
+itself never cuts inside one.
 
-Clusters and words the upstream splits (tokenizers split ZWJ sequences, Indic and Thai
-clusters, and long words): a delta is segmented together with the last queued unit
-while that unit is younger than a tick, so a split word or cluster is one unit again;
-an older last unit only takes a cluster that straddles the two deltas (so a long run
-without spaces keeps flowing instead of growing one unit forever). A delta that starts
-by continuing the last cluster already sent keeps that continuation in its first unit.
-The last queued unit is held back while more of it may still come: it leaves once more
-text arrives behind it, at :meth:`Pacer.finish`, when ``max_lag_s`` forces it, or one
-tick after it last grew (at most ``max(T, tick)`` after it arrived). So a piece ends
-inside a cluster only at the end of all text received so far, and only when that text
-was passed through as it came, or had waited its tick, or the stream had ended.
+Cost (issue 13, point 1): the queue is text with its arrival times; nothing is segmented
+on arrival but the first ``burst_threshold`` units of a delta (within its first 4,096
+characters). A piece is segmented from its start up to the unit boundary it ends at, so
+each character is read about once. A piece longer than 4,096 characters (a huge burst,
+the hard bound, the drain) instead ends at a *safe* cluster boundary found near its end
+(two characters that UAX #29 keeps apart whatever surrounds them: the first within 1,024
+characters after the plan's point, else the last within 1,024 before it, else the end of
+the queue: a run with no safe boundary, only flags or combining marks, leaves whole). So
+no push or pull reads more than a few thousand characters with the regex engine, however
+large the delta. A unit longer than 1,024 characters (a huge ``word``) is cut that way
+too; the cluster context at a cut is read from its last 64 characters (a cluster longer
+than that is in no stream-safe text).
+
+Clusters the upstream splits (tokenizers split ZWJ sequences, Indic and Thai clusters):
+text is cut only where it is queued together, so a split cluster is whole again in the
+queue; a delta that starts by continuing the last cluster already sent keeps that
+continuation in its first unit. Only an incomplete cluster is held back: when the queue
+ends after ZWJ, CR, an Indic virama, a Prepend character or a lone regional indicator,
+that last cluster stays while more of it may still come, and leaves once more text
+arrives, at :meth:`Pacer.finish`, when ``max_lag_s`` forces it, or one tick after it last
+grew (at most ``max(T, tick)`` after it arrived). A complete last word leaves with its
+piece (the client concatenates a word split across events).
 
 Deliberate divergences from the issue's wording, and details:
 
 - The hold above ends after a tick, not at ``max_lag_s``: a longer hold would stall the
-  last word before every pause of the model for up to ``max_lag_s``, to guard against a
-  split that pass-through makes anyway and that the client renders correctly (it
-  concatenates). The hold costs at most a tick: a delta queued by the rate limit goes
-  out a tick after it arrived, rather than at the next tick.
-- A mid-stream burst arriving to an empty queue sends its first ``burst_threshold``
-  units at once (the budget that lets a small delta pass whole), then is paced.
+  text before every pause of the model, to guard against a split that pass-through makes
+  anyway and that the client renders correctly once the rest arrives. A cluster whose
+  last character could take a follower without needing one (an emoji before a skin
+  tone, a consonant before a vowel sign) is complete and not held.
+- A mid-stream burst arriving to an idle stream sends its first ``burst_threshold``
+  units at once (the budget that lets a small delta pass whole), then is paced; with
+  ``target_lag_s = 0`` it leaves whole at once.
 - ``max_lag_s`` must be at least ``target_lag_s`` and at least one tick (else the bound
   cannot be kept). ``drain_s`` may exceed ``max_lag_s``: the bound still holds during
   the drain, which then simply ends sooner.
@@ -76,26 +95,26 @@ Defaults, from ``python bench/pacing.py`` (virtual time; table in the README; CP
 core of a 2-CPU x86-64 Linux VM, Python 3.11):
 
 - ``target_lag_s = 0.5``: an 8 KB burst after a 2 s pause is shown over half a second
-  in ~20 pieces of at most 462 characters, p99 added lag 0.50 s (gap CV 4.0 against
-  26.8 with no pacing). 0.25 s halves the lag but doubles the piece size (882
-  characters, a visible jump); 1.0 s gives 328-character pieces for nearly twice the
+  in ~20 pieces of at most 455 characters, p99 added lag 0.50 s (gap CV 4.0 against
+  26.8 with no pacing). 0.25 s halves the lag but doubles the piece size (866
+  characters, a visible jump); 1.0 s gives 290-character pieces for nearly twice the
   lag (p99 0.90 s).
 - ``max_lag_s = 1.5``: a safety net three times the target; the plan never gets near it
   (the worst lag on any bench pattern is 0.50 s).
 - ``burst_threshold = 8``: a 300 tok/s English reply (~6 words a tick) is merged, never
-  treated as a burst (p50 / p99 added lag 0.017 / 0.032 s), while a gateway that sends
-  20 tokens every 250 ms is smoothed into 25 events a second (p99 0.275 s). 16 would
-  pass those chunks whole (4 jumps a second of ~90 characters); 4 triples the lag of a
-  fast English reply (p99 0.097 s). The cost of 8: a 300 tok/s CJK reply (~10 clusters
-  a tick) waits p99 0.097 s instead of 0.028 s.
+  treated as a burst (p50 / p99 added lag 0.012 / 0.025 s), while a gateway that sends
+  20 tokens every 250 ms is smoothed into ~28 events a second (p99 0.271 s). 16 would
+  pass those chunks nearly whole (p99 0.025 s); 4 quadruples the lag of a fast English
+  reply (p99 0.098 s). The cost of 8: a 300 tok/s CJK reply (~10 clusters a tick) waits
+  p99 0.098 s instead of 0.025 s.
 - ``max_events_per_s = 40``: a 25 ms tick; 60 events a second shaves little lag (fast
   CJK p99 0.027 s) for 50 % more SSE writes and flushes, which cost far more than the
-  pacer itself (~3.7 ms CPU per 1,000 units, about 2.5 µs per delta including the
-  loop); 20 a second makes fast replies wait longer (p99 0.120 s) in 2x larger pieces.
+  pacer itself (a few µs per delta); 20 a second makes fast replies wait longer (p99
+  0.127 s) in 2x larger pieces.
 - ``drain_s = 0.25``: a reply that ends with an 8 KB burst still shows it in ~10 pieces
-  (at most 871 characters, against one 8 KB jump with 0) and its done event comes at
+  (at most 824 characters, against one 8 KB jump with 0) and its done event comes at
   most a quarter second after the upstream's; 0.5 s would pace it like any burst
-  (472-character pieces) for twice the wait.
+  (449-character pieces) for twice the wait.
 """
 
 from __future__ import annotations
