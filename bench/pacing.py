@@ -16,7 +16,7 @@ simulated stream loop that pulls at arrivals and at ``next_due``), ``none`` (eve
 as it comes) and ``fixed-10ms`` (each word, ``auto`` units, sent 10 ms after the previous
 one, no catch-up, like a fixed ``smoothStream`` delay; the two references live only here).
 
-Run: ``.venv/bin/python bench/pacing.py`` (about 10 s). It exits 1 when a target fails.
+Run: ``.venv/bin/python bench/pacing.py`` (about 15 s). It exits 1 when a target fails.
 """
 
 from __future__ import annotations
