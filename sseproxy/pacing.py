@@ -13,9 +13,8 @@ Rules (``T`` is ``target_lag_s``; one *tick* is ``1 / max_events_per_s``):
   large one, the first unit goes out at once and the rest is paced.
 - **Pass-through.** A delta of at most ``burst_threshold`` units that arrives when
   nothing is queued is one piece, at once, cut as the upstream cut it, if the rate limit
-  has an event to spare; deltas pushed at the same moment join that piece while the
-  threshold allows. Any other delta is queued. So a stream that is not bursting leaves
-  as it arrives (issue 12, point 8).
+  has an event to spare. Any other delta is queued. So a stream that is not bursting
+  leaves as it arrives (issue 12, point 8).
 - **Rate limit.** A bucket of two events refilled one per tick (GCRA with a tolerance of
   one tick): a delta that comes less than a tick after the previous event borrows from
   the idle time before it instead of waiting for the tick; a queued piece leaves at least
@@ -121,6 +120,7 @@ from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
@@ -280,19 +280,24 @@ def segment(text: str, unit: str) -> list[str]:
     return units
 
 
-def _last_cluster(text: str, start: int, end: int) -> str:
+def _last_cluster(text: str, start: int, end: int, lead: int = 0) -> str:
     """The last grapheme cluster of ``text[start:end]``, where ``start`` is a cluster
-    boundary. Only the last few characters are read: a cluster longer than that (no
-    stream-safe text has one) comes back cut short, which only weakens a later join."""
+    boundary, or follows ``lead`` (0 or 1) lone regional indicator. Only the last few
+    characters are read (all of a run of regional indicators): a cluster longer than that
+    (no stream-safe text has one) comes back cut short, which only weakens a later join."""
     if end <= start:
         return ""
     last = text[end - 1]
     if last in _RI:  # regional indicators pair from the start of their run
         lo = max(start, end - _LOOK)
-        lo += (lo - start) % 2  # pairs start at even offsets from a boundary in a run
         run = text[lo:end]
-        odd = (len(run) - len(run.rstrip(_RI))) % 2
-        return text[end - 1 if odd else end - 2:end]
+        count = len(run) - len(run.rstrip(_RI))
+        if count == end - lo and lo > start and text[lo - 1] in _RI:
+            run = text[start:end]  # a longer run: read it all (C speed, the run only)
+            count = len(run) - len(run.rstrip(_RI))
+        if count == end - start:
+            count += lead
+        return text[end - 1 if count % 2 else end - 2:end]
     if last.isascii() and last != "\n" and (end - 1 == start or text[end - 2].isascii()):
         return last
     cluster = ""
@@ -353,7 +358,7 @@ class Pacer:
 
     __slots__ = (
         "_off", "_unit", "_token", "_tick", "_target", "_max_lag", "_threshold", "_drain",
-        "_hold_cap", "_ready", "_ready_units", "_buf", "_buf_start", "_chunks", "_head",
+        "_hold_cap", "_ready", "_buf", "_buf_start", "_chunks", "_head",
         "_end", "_groups", "_last_event", "_tat", "_last_arrival", "_sent_cluster",
         "_tail", "_ri_run", "_open", "_owed", "_window", "_batches", "_sum_e", "_sum_ea",
         "_base", "_finished_at", "_due", "_due_stale",
@@ -371,7 +376,6 @@ class Pacer:
         self._hold_cap = max(self._target, self._tick)
         #: Pieces decided on arrival (pass-through, mode off), waiting for pull().
         self._ready: list[Piece] = []
-        self._ready_units = 0  # units in the last ready piece (it may take more at once)
         # The queue is the text at positions [head, end) of all text ever queued: buf
         # from head (buf[0] is position buf_start), then the chunks not joined to it yet.
         # Each character is copied into buf once, when a cut needs it.
@@ -465,41 +469,31 @@ class Pacer:
 
     def _pass(self, text: str, now: float) -> str:
         """Send what of ``text`` may leave at once (nothing is queued); return the rest."""
-        ready = self._ready[-1] if self._ready and self._ready[-1].due == now else None
-        if ready is None and not self._rate_allows(now):
+        if not self._rate_allows(now):
             return text
-        budget = self._threshold - (self._ready_units if ready is not None else 0)
+        budget = self._threshold
         if len(text) <= budget:  # cheap: a unit is at least one character
-            ends = [len(text)] * len(text)
+            ends = [len(text)]
         else:
             ends = self._count(text, budget + 1, self._sent_cluster)
         if len(ends) <= budget and ends and ends[-1] == len(text):
-            if ready is not None:
-                ready.text += text
-                self._ready_units += len(ends)
-            else:
-                self._ready.append(Piece(text, now, now))
-                self._ready_units = len(ends)
-                self._event(now)
-            self._sent_cluster = self._cluster_after(text, 0, len(text), text)
-            return ""
-        if ready is not None:
-            return text
-        # A burst to an idle stream: the stream's first unit, or the threshold's budget,
-        # leaves at once; the rest is queued.
-        first = self._last_event is None
-        if not first and self._target <= 0:  # nothing to spread: all of it, now
             self._ready.append(Piece(text, now, now))
-            self._ready_units = len(ends)
             self._event(now)
             self._sent_cluster = self._cluster_after(text, 0, len(text), text)
             return ""
+        first = self._last_event is None
+        if not first and self._target <= 0:  # nothing to spread: all of it, now
+            self._ready.append(Piece(text, now, now))
+            self._event(now)
+            self._sent_cluster = self._cluster_after(text, 0, len(text), text)
+            return ""
+        # A burst to an idle stream: the stream's first unit, or the threshold's budget,
+        # leaves at once; the rest is queued.
         take = 1 if first else budget
         if take <= 0 or not ends:
             return text
         cut = ends[min(take, len(ends)) - 1]
         self._ready.append(Piece(text[:cut], now, now))
-        self._ready_units = take
         self._event(now)
         if not first:
             self._window = self._threshold  # this tick's budget is spent
@@ -531,7 +525,13 @@ class Pacer:
                 if end > len(before):
                     yield end + shift
             return
-        yield from _unit_ends(text, pos, endpos, self._unit)
+        if pos == 0:
+            yield from _unit_ends(text, 0, endpos, self._unit)
+            return
+        # A slice: the regex engine would read the text before pos (regional indicators
+        # pair from the start of their run), and the buffer may start inside a pair.
+        for end in _unit_ends(text[pos:endpos], 0, endpos - pos, self._unit):
+            yield end + pos
 
     def _enqueue(self, text: str, now: float) -> None:
         start = self._end
@@ -587,7 +587,11 @@ class Pacer:
             self._open = self._ri_run % 2
         else:
             self._ri_run = 0
-            self._open = len(_last_cluster(tail, 0, len(tail))) if _JOINER.match(last) else 0
+            self._open = 0
+            if _JOINER.match(last):
+                self._open = len(_last_cluster(tail, 0, len(tail)))
+                if self._open >= len(tail):  # it may reach further back: hold it all
+                    self._open = sys.maxsize
 
     def _plan(self, immediate: int, excess: int, now: float) -> None:
         """Owe ``immediate`` characters at the next tick and spread ``excess`` linearly
@@ -733,7 +737,9 @@ class Pacer:
         if len(piece) < _CONTEXT:
             joined = self._sent_cluster + piece
             return _last_cluster(joined, 0, len(joined))
-        return _last_cluster(text, start, end)
+        # A run of regional indicators may start with the lone half sent before.
+        lone = len(self._sent_cluster) == 1 and self._sent_cluster in _RI
+        return _last_cluster(text, start, end, int(lone))
 
     def _cover(self, limit: int) -> None:
         """Make buf hold the queue up to position ``limit``."""
