@@ -94,7 +94,7 @@ Defaults, from ``python bench/pacing.py`` (virtual time; table in the README; CP
 core of a 2-CPU x86-64 Linux VM, Python 3.11):
 
 - ``target_lag_s = 0.5``: an 8 KB burst after a 2 s pause is shown over half a second
-  in ~20 pieces of at most 455 characters, p99 added lag 0.50 s (gap CV 4.0 against
+  in ~20 pieces of at most 455 characters, p99 added lag 0.50 s (gap CV 4.1 against
   26.8 with no pacing). 0.25 s halves the lag but doubles the piece size (866
   characters, a visible jump); 1.0 s gives 290-character pieces for nearly twice the
   lag (p99 0.90 s).
@@ -111,9 +111,9 @@ core of a 2-CPU x86-64 Linux VM, Python 3.11):
   pacer itself (a few µs per delta); 20 a second makes fast replies wait longer (p99
   0.127 s) in 2x larger pieces.
 - ``drain_s = 0.25``: a reply that ends with an 8 KB burst still shows it in ~10 pieces
-  (at most 824 characters, against one 8 KB jump with 0) and its done event comes at
+  (at most 826 characters, against one 8 KB jump with 0) and its done event comes at
   most a quarter second after the upstream's; 0.5 s would pace it like any burst
-  (449-character pieces) for twice the wait.
+  (452-character pieces) for twice the wait.
 """
 
 from __future__ import annotations
