@@ -16,11 +16,12 @@ simulated stream loop that pulls at arrivals and at ``next_due``), ``none`` (eve
 as it comes) and ``fixed-10ms`` (each word, ``auto`` units, sent 10 ms after the previous
 one, no catch-up, like a fixed ``smoothStream`` delay; the two references live only here).
 
-Run: ``.venv/bin/python bench/pacing.py`` (about 10 s). It exits 1 when a target fails.
+Run: ``.venv/bin/python bench/pacing.py`` (about 15 s). It exits 1 when a target fails.
 """
 
 from __future__ import annotations
 
+import base64
 import math
 import os
 import platform
@@ -108,6 +109,30 @@ def emoji_text(n_tokens: int, rng: random.Random) -> list[str]:
     return out[:n_tokens]
 
 
+def emoji_run(size: int, rng: random.Random) -> str:
+    """``size`` bytes of emoji and flags with no space: one "word" to a word splitter."""
+    out: list[str] = []
+    total = 0
+    while total < size:
+        cluster = rng.choice(_EMOJI)
+        out.append(cluster)
+        total += len(cluster.encode())
+    return "".join(out)
+
+
+def subwords(n_tokens: int, rng: random.Random) -> list[str]:
+    """English cut like a model's tokenizer: words split into pieces of 2 to 6 characters,
+    the space on the first."""
+    out: list[str] = []
+    while len(out) < n_tokens:
+        word = " " + rng.choice(_WORDS)
+        while word:
+            cut = rng.randint(2, 6)
+            out.append(word[:cut])
+            word = word[cut:]
+    return out[:n_tokens]
+
+
 def tokens_of_bytes(make: Callable[[int, random.Random], list[str]], size: int,
                     rng: random.Random) -> list[str]:
     out: list[str] = []
@@ -140,6 +165,25 @@ def burst_pattern(make: Callable[[int, random.Random], list[str]], rng: random.R
     return before + middle + after
 
 
+def real_model(tokens: Sequence[str], rng: random.Random) -> Arrivals:
+    """A small model served by llama.cpp, steady (no bursts): gaps jittered around 35 ms
+    (~28 tokens/s), about one in six under a 25 ms tick."""
+    arrivals: Arrivals = []
+    t = 0.0
+    for tok in tokens:
+        arrivals.append((t, tok))
+        t += rng.triangular(0.020, 0.055, 0.032)
+    return arrivals
+
+
+def run_burst(run: str, rng: random.Random) -> Arrivals:
+    """20 tokens at 30 tok/s, a 2 s pause, ``run`` in one delta, then 20 tokens."""
+    before = steady(english(20, rng), 30.0)
+    t_burst = before[-1][0] + 2.0
+    after = steady(english(20, rng), 30.0, t_burst + 1 / 30)
+    return before + [(t_burst, " " + run)] + after
+
+
 def chunked(tokens: Sequence[str], per_chunk: int, every: float) -> Arrivals:
     """A buffering gateway: ``per_chunk`` tokens at once every ``every`` seconds."""
     return [(i // per_chunk * every, tok) for i, tok in enumerate(tokens)]
@@ -156,6 +200,10 @@ def patterns() -> dict[str, Arrivals]:
         "bursty, one 8 KB delta": burst_pattern(english, rng, one_delta=True),
         "CJK burst": burst_pattern(cjk, rng),
         "emoji burst": burst_pattern(emoji_text, rng),
+        "emoji run, 2 KB in one delta, no spaces": run_burst(emoji_run(2048, rng), rng),
+        "base64, 64 KB in one delta": run_burst(
+            base64.b64encode(rng.randbytes(48 * 1024)).decode(), rng),
+        "steady real model (~28 tok/s, jittered)": real_model(subwords(600, rng), rng),
     }
 
 
@@ -163,8 +211,9 @@ def patterns() -> dict[str, Arrivals]:
 
 
 def run_pacer(settings: PacingSettings, arrivals: Arrivals) -> Events:
-    """A simulated stream loop: push and pull at each arrival, pull at each next_due,
-    finish right after the last arrival."""
+    """A simulated stream loop: push the deltas that arrive together (as the stream loop
+    takes a batch) then pull, pull at each next_due, finish right after the last
+    arrival."""
     pacer = Pacer(settings)
     events: Events = []
     finish_at = arrivals[-1][0]
@@ -174,8 +223,9 @@ def run_pacer(settings: PacingSettings, arrivals: Arrivals) -> Events:
         at = arrivals[i][0] if i < n else (None if finished else finish_at)
         if at is not None and (due is None or at <= due):
             if i < n:
-                pacer.push(arrivals[i][1], at)
-                i += 1
+                while i < n and arrivals[i][0] == at:
+                    pacer.push(arrivals[i][1], at)
+                    i += 1
             else:
                 pacer.finish(at)
                 finished = True
@@ -263,6 +313,20 @@ def lag_at_char(arrivals: Arrivals, events: Events, token_index: int) -> float:
         if sent > position:
             return at - arrivals[token_index][0]
     raise ValueError("position past the end")
+
+
+def cluster_cuts(arrivals: Arrivals, events: Events) -> bool:
+    """Every event but the last ends at a grapheme cluster boundary of the whole text."""
+    text = "".join(t for _, t in arrivals)
+    bounds = {0}
+    for cluster in segment(text, "grapheme"):
+        bounds.add(len(cluster) + max(bounds))
+    end = 0
+    for _, piece in events[:-1]:
+        end += len(piece)
+        if end not in bounds:
+            return False
+    return True
 
 
 def gap_cv(events: Events) -> float:
@@ -370,6 +434,19 @@ def main() -> int:
     none_cv = results["bursty (8 KB after 2 s)", "none"].gap_cv
     check("bursty: sseproxy gap CV at least 3x lower than no pacing",
           ours_cv * 3 <= none_cv, f"{ours_cv:.2f} vs {none_cv:.2f}, {none_cv / ours_cv:.1f}x")
+    run_name = "emoji run, 2 KB in one delta, no spaces"
+    run = pats[run_name]
+    run_events = run_pacer(settings, run)
+    largest = max(len(text.encode()) for _, text in run_events)
+    whole = cluster_cuts(run, run_events)
+    check("emoji run paced: largest event <= 1 KB, every event ends at a cluster boundary",
+          largest <= 1024 and whole,
+          f"largest {largest} bytes in {len(run_events)} events; clusters whole: {whole}; "
+          f"no pacing: one {len(run[20][1].encode())}-byte event")
+    model = results["steady real model (~28 tok/s, jittered)", "sseproxy"]
+    check("steady real model passed as it arrives: p99 added lag < 5 ms",
+          model.lag_p99 < 0.005, f"p99 {model.lag_p99 * 1000:.1f} ms, "
+          f"max {model.lag_max * 1000:.1f} ms")
     one = results["bursty, one 8 KB delta", "sseproxy"]
     print(f"- note: with the 8 KB in one delta, no pacing sends one "
           f"{results['bursty, one 8 KB delta', 'none'].largest}-character event; sseproxy's "

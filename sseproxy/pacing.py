@@ -12,19 +12,23 @@ Rules (``T`` is ``target_lag_s``; one *tick* is ``1 / max_events_per_s``):
 - **Time to first token is untouched.** A small first delta goes out whole at once; of a
   large one, the first unit goes out at once and the rest is paced.
 - **Pass-through.** A delta of at most ``burst_threshold`` units that arrives when
-  nothing is queued and at least a tick after the previous event is one piece, at once,
-  cut as the upstream cut it. Any other delta is queued.
-- **Rate limit.** Pieces are at least a tick apart, so a stream makes at most
-  ``max_events_per_s`` events a second: faster text makes pieces bigger, never events
-  more numerous (a steady 300 tok/s reply becomes 40 events a second of ~6 words each).
-- **Backlog plan.** Between two events, up to ``burst_threshold`` newly queued units
-  are owed at the next tick; anything beyond that (a burst) is owed linearly over ``T``
-  from its arrival. Each piece takes, in order, what is owed by then. So a burst is
-  spread over ``T`` in even pieces on a steady tick; text arriving meanwhile rides along
-  (pieces grow, the drain does not stretch); a steady stream is merged tick by tick; and
-  every unit leaves within ``max(T, tick)`` plus one tick of its arrival. The plan is a
-  running sum kept in O(1) per arrival and per piece: no piece rescans the queue.
-- **Hard bound.** No text waits longer than ``max_lag_s``: a unit that would pass it by
+  nothing is queued is one piece, at once, cut as the upstream cut it, if the rate limit
+  has an event to spare. Any other delta is queued. So a stream that is not bursting
+  leaves as it arrives (issue 12, point 8).
+- **Rate limit.** A bucket of two events refilled one per tick (GCRA with a tolerance of
+  one tick): a delta that comes less than a tick after the previous event borrows from
+  the idle time before it instead of waiting for the tick; a queued piece leaves at least
+  a tick after the previous event. A stream makes ``max_events_per_s`` events a second on
+  average and at most one more in any second: faster text makes pieces bigger, never
+  events more numerous (a steady 300 tok/s reply becomes 40 events a second).
+- **Backlog plan.** Between two events, the characters of up to ``burst_threshold``
+  newly queued units are owed at the next tick; the rest (a burst) is owed linearly over
+  ``T`` from its arrival. Each piece takes what is owed by then, up to the next unit
+  boundary. So a burst is spread over ``T`` in pieces of even size on a steady tick; text
+  arriving meanwhile rides along; a steady stream is merged tick by tick; and every
+  character leaves within ``max(T, tick)`` plus one tick of its arrival. The plan is a
+  running sum kept in O(1) per arrival and per piece.
+- **Hard bound.** No text waits longer than ``max_lag_s``: text that would pass it by
   the next tick leaves with the current piece (pieces grow; events never multiply).
 - **Drain.** After :meth:`Pacer.finish`, everything queued leaves within ``drain_s``,
   spread over the ticks left (at once when ``drain_s`` is 0); then ``pending`` is False.
@@ -37,32 +41,46 @@ delta stays one unit, so only merging and the rate limit apply); ``word`` is a w
 its trailing whitespace (whitespace at the very start rides with the first word);
 ``grapheme`` is one extended grapheme cluster; ``auto`` is a word in spaced scripts and
 one grapheme cluster in unspaced ones (Han, Hiragana, Katakana, Thai, Lao, Khmer,
-Myanmar, by the script of the cluster's first character). Clusters come from the
-``regex`` package's ``\\X`` (UAX #29: emoji ZWJ sequences, flags, skin tones, keycaps,
-combining marks, Indic and Thai clusters), so the pacer itself never cuts inside one.
-Each delta is segmented once, on arrival (pure ASCII takes a stdlib fast path).
+Myanmar, by the script of the cluster's first character), and a word of more than
+``LONG_WORD`` (16) clusters (a URL, base64, a run of emoji or of code without spaces) is
+cut one cluster per unit like an unspaced script, so it is paced too (issue 12, point 7).
+Clusters come from the ``regex`` package's ``\\X`` (UAX #29: emoji ZWJ sequences,
+flags, skin tones, keycaps, combining marks, Indic and Thai clusters), so the pacer
+itself never cuts inside one.
 
-Clusters and words the upstream splits (tokenizers split ZWJ sequences, Indic and Thai
-clusters, and long words): a delta is segmented together with the last queued unit
-while that unit is younger than a tick, so a split word or cluster is one unit again;
-an older last unit only takes a cluster that straddles the two deltas (so a long run
-without spaces keeps flowing instead of growing one unit forever). A delta that starts
-by continuing the last cluster already sent keeps that continuation in its first unit.
-The last queued unit is held back while more of it may still come: it leaves once more
-text arrives behind it, at :meth:`Pacer.finish`, when ``max_lag_s`` forces it, or one
-tick after it last grew (at most ``max(T, tick)`` after it arrived). So a piece ends
-inside a cluster only at the end of all text received so far, and only when that text
-was passed through as it came, or had waited its tick, or the stream had ended.
+Cost (issue 13, point 1): the queue is text with its arrival times; nothing is segmented
+on arrival but the first ``burst_threshold`` units of a delta (within its first 4,096
+characters). A piece is segmented from its start up to the unit boundary it ends at, so
+each character is read about once. A piece longer than 4,096 characters (a huge burst,
+the hard bound, the drain) instead ends at a *safe* cluster boundary found near its end
+(two characters that UAX #29 keeps apart whatever surrounds them: the first within 1,024
+characters after the plan's point, else the last within 1,024 before it, else the end of
+the queue: a run with no safe boundary, only flags or combining marks, leaves whole). So
+no push or pull reads more than a few thousand characters with the regex engine, however
+large the delta. A unit longer than 1,024 characters (a huge ``word``) is cut that way
+too; the cluster context at a cut is read from its last 64 characters (a cluster longer
+than that is in no stream-safe text).
+
+Clusters the upstream splits (tokenizers split ZWJ sequences, Indic and Thai clusters):
+text is cut only where it is queued together, so a split cluster is whole again in the
+queue; a delta that starts by continuing the last cluster already sent keeps that
+continuation in its first unit. Only an incomplete cluster is held back: when the queue
+ends after ZWJ, CR, an Indic virama, a Prepend character or a lone regional indicator,
+that last cluster stays while more of it may still come, and leaves once more text
+arrives, at :meth:`Pacer.finish`, when ``max_lag_s`` forces it, or one tick after it last
+grew (at most ``max(T, tick)`` after it arrived). A complete last word leaves with its
+piece (the client concatenates a word split across events).
 
 Deliberate divergences from the issue's wording, and details:
 
 - The hold above ends after a tick, not at ``max_lag_s``: a longer hold would stall the
-  last word before every pause of the model for up to ``max_lag_s``, to guard against a
-  split that pass-through makes anyway and that the client renders correctly (it
-  concatenates). The hold costs at most a tick: a delta queued by the rate limit goes
-  out a tick after it arrived, rather than at the next tick.
-- A mid-stream burst arriving to an empty queue sends its first ``burst_threshold``
-  units at once (the budget that lets a small delta pass whole), then is paced.
+  text before every pause of the model, to guard against a split that pass-through makes
+  anyway and that the client renders correctly once the rest arrives. A cluster whose
+  last character could take a follower without needing one (an emoji before a skin
+  tone, a consonant before a vowel sign) is complete and not held.
+- A mid-stream burst arriving to an idle stream sends its first ``burst_threshold``
+  units at once (the budget that lets a small delta pass whole), then is paced; with
+  ``target_lag_s = 0`` it leaves whole at once.
 - ``max_lag_s`` must be at least ``target_lag_s`` and at least one tick (else the bound
   cannot be kept). ``drain_s`` may exceed ``max_lag_s``: the bound still holds during
   the drain, which then simply ends sooner.
@@ -76,34 +94,35 @@ Defaults, from ``python bench/pacing.py`` (virtual time; table in the README; CP
 core of a 2-CPU x86-64 Linux VM, Python 3.11):
 
 - ``target_lag_s = 0.5``: an 8 KB burst after a 2 s pause is shown over half a second
-  in ~20 pieces of at most 462 characters, p99 added lag 0.50 s (gap CV 4.0 against
-  26.8 with no pacing). 0.25 s halves the lag but doubles the piece size (882
-  characters, a visible jump); 1.0 s gives 328-character pieces for nearly twice the
+  in ~20 pieces of at most 455 characters, p99 added lag 0.50 s (gap CV 4.1 against
+  26.8 with no pacing). 0.25 s halves the lag but doubles the piece size (866
+  characters, a visible jump); 1.0 s gives 290-character pieces for nearly twice the
   lag (p99 0.90 s).
 - ``max_lag_s = 1.5``: a safety net three times the target; the plan never gets near it
   (the worst lag on any bench pattern is 0.50 s).
 - ``burst_threshold = 8``: a 300 tok/s English reply (~6 words a tick) is merged, never
-  treated as a burst (p50 / p99 added lag 0.017 / 0.032 s), while a gateway that sends
-  20 tokens every 250 ms is smoothed into 25 events a second (p99 0.275 s). 16 would
-  pass those chunks whole (4 jumps a second of ~90 characters); 4 triples the lag of a
-  fast English reply (p99 0.097 s). The cost of 8: a 300 tok/s CJK reply (~10 clusters
-  a tick) waits p99 0.097 s instead of 0.028 s.
+  treated as a burst (p50 / p99 added lag 0.012 / 0.025 s), while a gateway that sends
+  20 tokens every 250 ms is smoothed into ~28 events a second (p99 0.271 s). 16 would
+  pass those chunks nearly whole (p99 0.025 s); 4 quadruples the lag of a fast English
+  reply (p99 0.098 s). The cost of 8: a 300 tok/s CJK reply (~10 clusters a tick) waits
+  p99 0.098 s instead of 0.025 s.
 - ``max_events_per_s = 40``: a 25 ms tick; 60 events a second shaves little lag (fast
   CJK p99 0.027 s) for 50 % more SSE writes and flushes, which cost far more than the
-  pacer itself (~3.7 ms CPU per 1,000 units, about 2.5 µs per delta including the
-  loop); 20 a second makes fast replies wait longer (p99 0.120 s) in 2x larger pieces.
+  pacer itself (a few µs per delta); 20 a second makes fast replies wait longer (p99
+  0.127 s) in 2x larger pieces.
 - ``drain_s = 0.25``: a reply that ends with an 8 KB burst still shows it in ~10 pieces
-  (at most 871 characters, against one 8 KB jump with 0) and its done event comes at
+  (at most 826 characters, against one 8 KB jump with 0) and its done event comes at
   most a quarter second after the upstream's; 0.5 s would pace it like any burst
-  (472-character pieces) for twice the wait.
+  (452-character pieces) for twice the wait.
 """
 
 from __future__ import annotations
 
 import math
 import re
+import sys
 from collections import deque
-from collections.abc import Callable, Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -181,49 +200,110 @@ def check_field(key: str, value: Any, meta: Mapping[str, Any]) -> None:
 
 # --- segmentation --------------------------------------------------------------------------
 
+#: In ``auto``, a word of more than this many grapheme clusters (a URL, base64, a run of
+#: emoji or of code without spaces) is cut like an unspaced script: one cluster per unit.
+LONG_WORD = 16
+#: The most a segmentation or boundary search reads past the point it looks for: a unit
+#: longer than this (a huge ``word``, a cluster no stream-safe text has) is cut at the
+#: nearest safe cluster boundary instead.
+_LOOK = 1024
+#: A piece longer than this is cut at a safe cluster boundary found by a local search
+#: near its end rather than by segmenting it from its start, so no push or pull reads more
+#: than a few thousand characters with the regex engine, however large the input.
+_SEGMENT_MAX = 4096
+_CONTEXT = 64  # characters read around a cut for the cluster that ends or continues there
+
 _UNSPACED = r"[\p{Han}\p{Hiragana}\p{Katakana}\p{Thai}\p{Lao}\p{Khmer}\p{Myanmar}\u30fc]"
+_UNSPACED_CHAR = regex.compile(_UNSPACED)
 _SPACE = r"(?=\s)\X"  # a cluster that starts with whitespace
 _CLUSTER = regex.compile(r"\X")
-_WORD = regex.compile(rf"(?:{_SPACE})*(?:(?!\s)\X)+(?:{_SPACE})*|(?:{_SPACE})+")
+# Group 1 is a word's body (its clusters without the surrounding whitespace).
+_WORD = regex.compile(rf"(?:{_SPACE})*((?:(?!\s)\X)+)(?:{_SPACE})*|(?:{_SPACE})+")
 _AUTO = regex.compile(
-    rf"(?:{_SPACE})*(?:(?={_UNSPACED})\X|(?:(?!\s|{_UNSPACED})\X)+)(?:{_SPACE})*"
+    rf"(?:{_SPACE})*(?:(?={_UNSPACED})\X|((?:(?!\s|{_UNSPACED})\X)+))(?:{_SPACE})*"
     rf"|(?:{_SPACE})+"
 )
 # ASCII text has no multi-character clusters outside whitespace (CR LF stays inside a
 # whitespace run), so the stdlib engine cuts its words identically and about 8x faster.
 # Its whitespace is spelled out: re's \s also matches \x1c-\x1f, regex's does not.
-_ASCII_WORD = re.compile(r"[\t-\r ]*[^\t-\r ]+[\t-\r ]*|[\t-\r ]+")
+_ASCII_WORD = re.compile(r"[\t-\r ]*([^\t-\r ]+)[\t-\r ]*|[\t-\r ]+")
+
+# A safe cut: a boundary that UAX #29 keeps whatever surrounds the two characters (the
+# match is the character before the cut). The character before is not one that joins
+# what follows (CR, Prepend, ZWJ, a regional indicator, a mark or virama), and the one
+# after is not a mark or ZWJ; after a Hangul jamo or syllable, not another.
+_JOINING = r"\p{GCB=Extend}\p{GCB=ZWJ}\p{GCB=SpacingMark}"
+_HANGUL = r"\p{GCB=L}\p{GCB=V}\p{GCB=T}\p{GCB=LV}\p{GCB=LVT}"
+_SAFE_PATTERN = (
+    "[^\\r" + _JOINING + r"\p{GCB=Prepend}\p{GCB=Regional_Indicator}" + _HANGUL + "]"
+    "(?=[^" + _JOINING + "])"
+    "|[" + _HANGUL + "](?=[^" + _JOINING + _HANGUL + "])"
+)
+_SAFE = regex.compile(_SAFE_PATTERN)
+_SAFE_BACK = regex.compile("(?r)" + _SAFE_PATTERN)
+# A last character after which the cluster is still incomplete: CR (before LF), ZWJ, a
+# Prepend character, an Indic virama (a conjunct follows). A lone regional indicator too.
+_JOINER = regex.compile(r"[\r\u200d\p{GCB=Prepend}\p{InCB=Linker}]")
+_RI = "".join(chr(c) for c in range(0x1F1E6, 0x1F200))  # regional indicators
 
 
-def _graphemes(text: str) -> list[str]:
-    units: list[str] = _CLUSTER.findall(text)
+def _unit_ends(text: str, pos: int, endpos: int, unit: str) -> Iterator[int]:
+    """End offsets of the units of ``text[pos:endpos]``, where ``pos`` starts a unit (the
+    last one may be cut short by ``endpos``). ``unit`` is not ``token``."""
+    if unit == "grapheme":
+        for m in _CLUSTER.finditer(text, pos, endpos):
+            yield m.end()
+        return
+    ascii_ = text.isascii()  # O(1): str knows its widest character
+    pattern = _ASCII_WORD if ascii_ else _AUTO if unit == "auto" else _WORD
+    cut_long = unit == "auto"
+    for m in pattern.finditer(text, pos, endpos):
+        start, end = m.span(1)
+        if cut_long and end - start > LONG_WORD:
+            if ascii_:
+                yield from range(start + 1, end)
+            else:
+                clusters = [c.end() for c in _CLUSTER.finditer(text, start, end)]
+                if len(clusters) > LONG_WORD:
+                    yield from clusters[:-1]  # the last keeps the trailing whitespace
+        yield m.end()
+
+
+def segment(text: str, unit: str) -> list[str]:
+    """Cut ``text`` into pacing units of kind ``unit``; the parts join to ``text``."""
+    if unit == "token":
+        return [text]
+    units, start = [], 0
+    for end in _unit_ends(text, 0, len(text), unit):
+        units.append(text[start:end])
+        start = end
     return units
 
 
-def _words(text: str) -> list[str]:
-    if text.isascii():
-        return _ASCII_WORD.findall(text)
-    units: list[str] = _WORD.findall(text)
-    return units
-
-
-def _auto(text: str) -> list[str]:
-    if text.isascii():
-        return _ASCII_WORD.findall(text)
-    units: list[str] = _AUTO.findall(text)
-    return units
-
-
-def _tokens(text: str) -> list[str]:
-    return [text]
-
-
-def _last_cluster(text: str) -> str:
-    """The last grapheme cluster of ``text``, which must start at a cluster boundary."""
-    if text.isascii():
-        return text[-2:] if text.endswith("\r\n") else text[-1:]
-    clusters: list[str] = _CLUSTER.findall(text)
-    return clusters[-1]
+def _last_cluster(text: str, start: int, end: int, lead: int = 0) -> str:
+    """The last grapheme cluster of ``text[start:end]``, where ``start`` is a cluster
+    boundary, or follows ``lead`` (0 or 1) lone regional indicator. Only the last few
+    characters are read (all of a run of regional indicators): a cluster longer than that
+    (no stream-safe text has one) comes back cut short, which only weakens a later join."""
+    if end <= start:
+        return ""
+    last = text[end - 1]
+    if last in _RI:  # regional indicators pair from the start of their run
+        lo = max(start, end - _LOOK)
+        run = text[lo:end]
+        count = len(run) - len(run.rstrip(_RI))
+        if count == end - lo and lo > start and text[lo - 1] in _RI:
+            run = text[start:end]  # a longer run: read it all (C speed, the run only)
+            count = len(run) - len(run.rstrip(_RI))
+        if count == end - start:
+            count += lead
+        return text[end - 1 if count % 2 else end - 2:end]
+    if last.isascii() and last != "\n" and (end - 1 == start or text[end - 2].isascii()):
+        return last
+    cluster = ""
+    for m in _CLUSTER.finditer(text, max(start, end - _CONTEXT), end):
+        cluster = m.group()
+    return cluster
 
 
 def _continuation(cluster: str, text: str) -> int:
@@ -231,23 +311,11 @@ def _continuation(cluster: str, text: str) -> int:
     just before it (a ZWJ sequence, combining marks, a flag's second half, ...)."""
     if not cluster or not text:
         return 0
+    text = text[:_CONTEXT]
     if cluster.isascii() and text[0].isascii():  # in ASCII only CR LF is one cluster
         return 1 if cluster[-1] == "\r" and text[0] == "\n" else 0
     end: int = _CLUSTER.match(cluster + text).end()
     return end - len(cluster)
-
-
-_SEGMENTERS: dict[str, Callable[[str], list[str]]] = {
-    "auto": _auto,
-    "grapheme": _graphemes,
-    "word": _words,
-    "token": _tokens,
-}
-
-
-def segment(text: str, unit: str) -> list[str]:
-    """Cut ``text`` into pacing units of kind ``unit``; the parts join to ``text``."""
-    return _SEGMENTERS[unit](text)
 
 
 # --- the pacer ---------------------------------------------------------------------------
@@ -269,13 +337,14 @@ _EPS = 1e-9
 
 
 class _Group:
-    """A run of queued units that arrived at the same time."""
+    """A run of queued text that arrived at the same time, up to ``end`` (a position in
+    all text ever queued)."""
 
-    __slots__ = ("arrived", "count")
+    __slots__ = ("arrived", "end")
 
-    def __init__(self, arrived: float, count: int) -> None:
+    def __init__(self, arrived: float, end: int) -> None:
         self.arrived = arrived
-        self.count = count
+        self.end = end
 
 
 class Pacer:
@@ -288,15 +357,16 @@ class Pacer:
     """
 
     __slots__ = (
-        "_off", "_split", "_token", "_tick", "_target", "_max_lag", "_threshold",
-        "_drain", "_ready", "_units", "_head", "_groups", "_last_event",
-        "_released", "_owed", "_window", "_batches", "_sum_e", "_sum_ea", "_base",
-        "_finished_at", "_due", "_due_stale", "_sent_cluster", "_last_arrival", "_hold_cap",
+        "_off", "_unit", "_token", "_tick", "_target", "_max_lag", "_threshold", "_drain",
+        "_hold_cap", "_ready", "_buf", "_buf_start", "_chunks", "_head",
+        "_end", "_groups", "_last_event", "_tat", "_last_arrival", "_sent_cluster",
+        "_tail", "_ri_run", "_open", "_owed", "_window", "_batches", "_sum_e", "_sum_ea",
+        "_base", "_finished_at", "_due", "_due_stale",
     )
 
     def __init__(self, settings: PacingSettings) -> None:
         self._off = settings.mode == "off"
-        self._split = _SEGMENTERS[settings.unit]
+        self._unit = settings.unit
         self._token = settings.unit == "token"
         self._tick = settings.tick_s
         self._target = settings.target_lag_s
@@ -306,18 +376,26 @@ class Pacer:
         self._hold_cap = max(self._target, self._tick)
         #: Pieces decided on arrival (pass-through, mode off), waiting for pull().
         self._ready: list[Piece] = []
-        #: The queue: units[head:] in order, with their arrival times run-length encoded
-        #: in groups (oldest first; their counts sum to the queue's length).
-        self._units: list[str] = []
+        # The queue is the text at positions [head, end) of all text ever queued: buf
+        # from head (buf[0] is position buf_start), then the chunks not joined to it yet.
+        # Each character is copied into buf once, when a cut needs it.
+        self._buf = ""
+        self._buf_start = 0
+        self._chunks: deque[str] = deque()
         self._head = 0
+        self._end = 0
+        #: Arrival times of the queue, oldest first, run-length encoded by position.
         self._groups: deque[_Group] = deque()
         self._last_event: float | None = None
-        self._last_arrival = -math.inf  # the last push: when the last queued unit last grew
+        self._tat = -math.inf  # the rate limit's theoretical time of the next event
+        self._last_arrival = -math.inf  # the last push: when the queue's end last grew
         #: The last grapheme cluster of all text decided so far (context for what follows).
         self._sent_cluster = ""
-        # The plan, in units counted since the stream began: R(t) = owed + the part of
-        # each active batch's excess that has matured by t (linear over target_lag_s).
-        self._released = 0
+        self._tail = ""  # the last characters pushed
+        self._ri_run = 0  # regional indicators at the end of all text pushed
+        self._open = 0  # length of the queue's last cluster when it is still incomplete
+        # The plan, in characters counted since the stream began: R(t) = owed + the part
+        # of each active batch's excess that has matured by t (linear over target_lag_s).
         self._owed = 0
         self._window = 0  # units owed at the next tick since the last event
         self._batches: deque[tuple[float, int]] = deque()  # (arrived - base, excess)
@@ -334,7 +412,7 @@ class Pacer:
     @property
     def pending(self) -> bool:
         """Text is queued or due and not yet pulled."""
-        return bool(self._ready) or self._head < len(self._units)
+        return bool(self._ready) or self._head < self._end
 
     def push(self, text: str, now: float) -> None:
         """A delta arrived from the upstream at ``now``."""
@@ -349,27 +427,10 @@ class Pacer:
             self._base = now
         self._due_stale = True
         self._last_arrival = now
-        queued = len(self._units) - self._head
-        if queued == 0 and self._rate_allows(now):
-            units = None
-            if len(text) > self._threshold:  # cheap: a unit is at least one character
-                units = self._split_after(self._sent_cluster, text)
-            if units is None or len(units) <= self._threshold:
-                self._ready.append(Piece(text, now, now))
-                self._sent_cluster = _last_cluster(self._sent_cluster + text)
-                self._event(now)
-                return
-            if self._last_event is None:  # the stream's first unit leaves at once
-                self._ready.append(Piece(units[0], now, now))
-                self._sent_cluster = _last_cluster(units[0])
-                self._event(now)
-                del units[0]
-            added = self._enqueue_fresh(units, now)
-        elif queued == 0:
-            added = self._enqueue_fresh(self._split_after(self._sent_cluster, text), now)
-        else:
-            added = self._enqueue_after_tail(text, now)
-        self._plan(added, now)
+        rest = self._pass(text, now) if self._head == self._end else text
+        if rest:
+            self._enqueue(rest, now)
+        self._note_end(text)
 
     def finish(self, now: float) -> None:
         """The upstream ended or failed at ``now``: drain the queue within ``drain_s``."""
@@ -395,90 +456,147 @@ class Pacer:
             out.append(self._release(now, due))
         return out
 
-    # -- queue --------------------------------------------------------------------------
+    # -- arrival ------------------------------------------------------------------------
 
     def _rate_allows(self, now: float) -> bool:
-        return self._last_event is None or now >= self._last_event + self._tick
+        """The rate limit: a bucket of two events refilled one per tick (GCRA)."""
+        return now >= self._tat - self._tick - _EPS
 
     def _event(self, now: float) -> None:
         self._last_event = now
+        self._tat = max(self._tat, now) + self._tick
         self._window = 0
 
-    def _append_group(self, arrived: float, count: int) -> None:
-        groups = self._groups
-        if groups and groups[-1].arrived == arrived:
-            groups[-1].count += count
+    def _pass(self, text: str, now: float) -> str:
+        """Send what of ``text`` may leave at once (nothing is queued); return the rest."""
+        if not self._rate_allows(now):
+            return text
+        budget = self._threshold
+        if len(text) <= budget:  # cheap: a unit is at least one character
+            ends = [len(text)]
         else:
-            groups.append(_Group(arrived, count))
+            ends = self._count(text, budget + 1, self._sent_cluster)
+        if len(ends) <= budget and ends and ends[-1] == len(text):
+            self._ready.append(Piece(text, now, now))
+            self._event(now)
+            self._sent_cluster = self._cluster_after(text, 0, len(text), text)
+            return ""
+        first = self._last_event is None
+        if not first and self._target <= 0:  # nothing to spread: all of it, now
+            self._ready.append(Piece(text, now, now))
+            self._event(now)
+            self._sent_cluster = self._cluster_after(text, 0, len(text), text)
+            return ""
+        # A burst to an idle stream: the stream's first unit, or the threshold's budget,
+        # leaves at once; the rest is queued.
+        take = 1 if first else budget
+        if take <= 0 or not ends:
+            return text
+        cut = ends[min(take, len(ends)) - 1]
+        self._ready.append(Piece(text[:cut], now, now))
+        self._event(now)
+        if not first:
+            self._window = self._threshold  # this tick's budget is spent
+        self._sent_cluster = self._cluster_after(text[:cut], 0, cut, text[:cut])
+        return text[cut:]
 
-    def _enqueue_fresh(self, units: list[str], now: float) -> int:
-        if not units:
-            return 0
-        self._units.extend(units)
-        self._append_group(now, len(units))
-        return len(units)
-
-    def _split_after(self, before: str, text: str) -> list[str]:
-        """The units of ``text``, which follows the cluster ``before``: a continuation of
-        that cluster at its start stays in the first unit instead of being cut apart."""
+    def _count(self, text: str, limit: int, before: str) -> list[int]:
+        """End offsets of the first ``limit`` units of ``text`` (fewer when it has fewer,
+        or when they reach past the first few thousand characters)."""
         if self._token:
-            return [text]
-        if not _continuation(before, text):
-            return self._split(text)
-        parts = self._split(before + text)
-        parts[0] = parts[0][len(before):]
-        return parts
-
-    def _enqueue_after_tail(self, text: str, now: float) -> int:
-        """Queue ``text`` behind a non-empty queue, making whole again a cluster (or, for
-        word units, a word) that the upstream split across the two deltas."""
-        units = self._units
-        tail = units[-1]
-        # Every queued unit but the first starts at a cluster boundary; the first may
-        # continue the last cluster already sent, so it is read in that context.
-        before = self._sent_cluster if len(units) - self._head == 1 else ""
-        if self._token or now >= self._groups[-1].arrived + self._tick:
-            # Token units, or a tail older than a tick (a long run without spaces must
-            # not grow one unit forever): only a straddling cluster joins the tail.
-            joins = _continuation(_last_cluster(before + tail), text)
-            units[-1] = tail + text[:joins]
-            rest = text[joins:]
-            if not rest:
-                return 0
-            new = [rest] if self._token else self._split(rest)
-            units.extend(new)
-            self._append_group(now, len(new))
-            return len(new)
-        units.pop()
-        last = self._groups[-1]
-        tail_arrived = last.arrived
-        last.count -= 1
-        if last.count == 0:
-            self._groups.pop()
-        parts = self._split_after(before, tail + text)
-        # Units that start inside the old tail keep its arrival time (the oldest text).
-        old = 0
-        pos = 0
-        for part in parts:
-            if pos >= len(tail):
+            return [len(text)]
+        endpos = min(len(text), _SEGMENT_MAX)
+        ends: list[int] = []
+        for end in self._ends_from(text, 0, endpos, before):
+            if end >= endpos and endpos < len(text):
+                break  # may be cut short
+            ends.append(end)
+            if len(ends) >= limit:
                 break
-            old += 1
-            pos += len(part)
-        units.extend(parts)
-        self._append_group(tail_arrived, old)
-        if len(parts) > old:
-            self._append_group(now, len(parts) - old)
-        return len(parts) - 1
+        return ends
 
-    def _plan(self, added: int, now: float) -> None:
-        """Owe ``added`` new units: up to the threshold's budget at the next tick, the
-        excess spread linearly over target_lag_s."""
-        if added <= 0:
+    def _ends_from(self, text: str, pos: int, endpos: int, before: str) -> Iterator[int]:
+        """Unit ends in ``text[pos:endpos]``, ``pos`` following the cluster ``before``:
+        a continuation of that cluster at ``pos`` stays in the first unit."""
+        if before and _continuation(before, text[pos:pos + _CONTEXT]):
+            joined = before + text[pos:endpos]
+            shift = pos - len(before)
+            for end in _unit_ends(joined, 0, len(joined), self._unit):
+                if end > len(before):
+                    yield end + shift
             return
-        immediate = min(added, max(0, self._threshold - self._window))
-        self._window += immediate
+        if pos == 0:
+            yield from _unit_ends(text, 0, endpos, self._unit)
+            return
+        # A slice: the regex engine would read the text before pos (regional indicators
+        # pair from the start of their run), and the buffer may start inside a pair.
+        for end in _unit_ends(text[pos:endpos], 0, endpos - pos, self._unit):
+            yield end + pos
+
+    def _enqueue(self, text: str, now: float) -> None:
+        start = self._end
+        if self._head == start:
+            self._buf, self._buf_start = text, start
+        else:
+            self._chunks.append(text)
+        self._end = start + len(text)
+        groups = self._groups
+        if self._token:
+            # A delta is a unit; one that continues the queue's last cluster gives that
+            # continuation to the unit before it.
+            joins = 0
+            if groups:
+                joins = _continuation(_last_cluster(self._tail, 0, len(self._tail)), text)
+            if joins:
+                groups[-1].end = start + joins
+            if joins < len(text):
+                groups.append(_Group(now, self._end))
+            else:
+                groups[-1].end = self._end
+        elif groups and groups[-1].arrived == now:
+            groups[-1].end = self._end
+        else:
+            groups.append(_Group(now, self._end))
+        budget = max(0, self._threshold - self._window)
+        immediate = 0
+        if budget:
+            # A delta that goes on with the queue's last word adds no unit by its start.
+            joins = int(start > self._head and self._continues_word(text[0]))
+            ends = self._count(text, budget + joins, "")
+            self._window += max(0, len(ends) - joins)
+            immediate = ends[-1] if ends else 0
+        self._plan(immediate, len(text) - immediate, now)
+
+    def _continues_word(self, first: str) -> bool:
+        if self._unit not in ("auto", "word") or not self._tail:
+            return False
+        last = self._tail[-1]
+        if last.isspace() or first.isspace():
+            return False
+        return self._unit == "word" or not (_UNSPACED_CHAR.match(last)
+                                            or _UNSPACED_CHAR.match(first))
+
+    def _note_end(self, text: str) -> None:
+        """Track the end of all text pushed: whether it is inside an incomplete cluster
+        (held back a tick when queued)."""
+        self._tail = tail = (self._tail + text[-_CONTEXT:])[-_CONTEXT:]
+        last = text[-1]
+        if last in _RI:
+            count = len(text) - len(text.rstrip(_RI))  # reads the run only
+            self._ri_run = self._ri_run + count if count == len(text) else count
+            self._open = self._ri_run % 2
+        else:
+            self._ri_run = 0
+            self._open = 0
+            if _JOINER.match(last):
+                self._open = len(_last_cluster(tail, 0, len(tail)))
+                if self._open >= len(tail):  # it may reach further back: hold it all
+                    self._open = sys.maxsize
+
+    def _plan(self, immediate: int, excess: int, now: float) -> None:
+        """Owe ``immediate`` characters at the next tick and spread ``excess`` linearly
+        over target_lag_s from ``now``."""
         self._owed += immediate
-        excess = added - immediate
         if excess <= 0:
             return
         if self._target <= 0:
@@ -493,6 +611,8 @@ class Pacer:
             batches.append((rel, excess))
         self._sum_e += excess
         self._sum_ea += excess * rel
+
+    # -- the plan -----------------------------------------------------------------------
 
     def _expire(self, now: float) -> None:
         """Fold the batches fully matured by ``now`` into the integer part of the plan."""
@@ -509,18 +629,19 @@ class Pacer:
             self._sum_ea = 0.0
 
     def _owed_at(self, now: float) -> int:
-        """Units the plan wants released by ``now`` and not released yet (after _expire)."""
+        """Characters the plan wants released by ``now`` and not released yet (after
+        _expire)."""
         assert self._base is not None
-        owed = self._owed - self._released
+        owed = self._owed - self._head
         if self._sum_e:
             spread = ((now - self._base) * self._sum_e - self._sum_ea) / self._target
             owed += math.ceil(min(max(spread, 0.0), float(self._sum_e)) - _EPS)
         return owed
 
     def _plan_due(self) -> float:
-        """The first time the plan owes at least one unit (loop time)."""
+        """The first time the plan owes at least one character (loop time)."""
         assert self._base is not None
-        gap = self._released - self._owed  # the batches must mature more than this
+        gap = self._head - self._owed  # the batches must mature more than this
         if gap < 0:
             return -math.inf
         sum_e, sum_ea, matured = self._sum_e, self._sum_ea, 0
@@ -543,7 +664,7 @@ class Pacer:
         return self._due
 
     def _compute_due(self) -> float | None:
-        queued = len(self._units) - self._head
+        queued = self._end - self._head
         if queued == 0:
             return None
         earliest = -math.inf if self._last_event is None else self._last_event + self._tick
@@ -553,62 +674,120 @@ class Pacer:
         groups = self._groups
         forced = groups[0].arrived + self._max_lag
         planned = self._plan_due()
-        if queued == 1:  # only the held last unit
+        if queued <= self._open:  # only an incomplete cluster is queued
             planned = max(planned, self._hold_end())
-        # Never before the oldest queued text arrived (the plan may owe units "since ever").
+        # Never before the oldest queued text arrived (the plan may owe text "since ever").
         return max(earliest, min(planned, forced), groups[0].arrived)
 
     def _hold_end(self) -> float:
-        """When the last queued unit may leave even if more text could still extend it:
-        a tick after it last grew, and at most max(target_lag_s, tick) after it arrived."""
+        """When an incomplete last cluster may leave even if more text could still
+        complete it: a tick after it last grew, at most max(target_lag_s, tick) after it
+        arrived."""
         return min(self._last_arrival + self._tick, self._groups[-1].arrived + self._hold_cap)
+
+    # -- release ------------------------------------------------------------------------
 
     def _release(self, now: float, due: float) -> Piece:
         """Cut the piece sent at ``now``: what the plan owes, what max_lag_s or the drain
-        forces, at least one unit, never the held last unit."""
+        forces, at least one unit, ending at a unit boundary; an incomplete last cluster
+        stays unless it must go."""
         self._expire(now)
-        queued = len(self._units) - self._head
-        take = self._owed_at(now)
+        head, end = self._head, self._end
+        target = head + max(self._owed_at(now), 1)
         horizon = now + self._tick - self._max_lag  # arrived before this: too late later
-        forced = 0
+        forced = head
         for group in self._groups:
             if group.arrived >= horizon:
                 break
-            forced += group.count
-        take = max(take, forced, 1)
+            forced = group.end
+        target = max(target, forced)
         finished_at = self._finished_at
-        finished = finished_at is not None
         if finished_at is not None:
             deadline = finished_at + self._drain
             if now + self._tick > deadline + _EPS:
-                take = queued
+                target = end
             else:
                 slots = math.floor((deadline - now) / self._tick + _EPS) + 1
-                take = max(take, -(-queued // slots))
-        held = not (finished or forced >= queued or now >= self._hold_end())
-        take = min(take, queued - 1 if held else queued)
-        take = max(take, 1)
+                target = max(target, head - (-(end - head) // slots))
+        cut = self._find_cut(min(target, end))
+        if (cut == end and self._open and finished_at is None and forced < end
+                and now < self._hold_end() and end - self._open > head):
+            cut = end - self._open
 
-        arrived_first = self._groups[0].arrived
-        head = self._head
-        text = "".join(self._units[head:head + take])
-        last = self._units[head + take - 1]
-        self._sent_cluster = _last_cluster(self._sent_cluster + last if take == 1 else last)
-        self._head = head + take
-        self._released += take
-        left = take
+        self._cover(cut)
+        off = self._buf_start
+        text = self._buf[head - off:cut - off]
+        self._sent_cluster = self._cluster_after(self._buf, head - off, cut - off, text)
+        arrived = self._groups[0].arrived
+        self._head = cut
         groups = self._groups
-        while left:
-            first = groups[0]
-            if first.count <= left:
-                left -= first.count
-                groups.popleft()
-            else:
-                first.count -= left
-                left = 0
-        if self._head >= 1024 and self._head * 2 >= len(self._units):
-            del self._units[: self._head]
-            self._head = 0
+        while groups and groups[0].end <= cut:
+            groups.popleft()
+        if cut == end:
+            self._buf, self._buf_start = "", cut
+        elif cut - off > 65536 and 2 * (cut - off) > len(self._buf):
+            self._buf, self._buf_start = self._buf[cut - off:], cut
         self._event(now)
         self._due_stale = True
-        return Piece(text, due, arrived_first)
+        return Piece(text, due, arrived)
+
+    def _cluster_after(self, text: str, start: int, end: int, piece: str) -> str:
+        """The last cluster of all text decided, once ``text[start:end]`` (= ``piece``,
+        starting at a cluster boundary) has been."""
+        if len(piece) < _CONTEXT:
+            joined = self._sent_cluster + piece
+            return _last_cluster(joined, 0, len(joined))
+        # A run of regional indicators may start with the lone half sent before.
+        lone = len(self._sent_cluster) == 1 and self._sent_cluster in _RI
+        return _last_cluster(text, start, end, int(lone))
+
+    def _cover(self, limit: int) -> None:
+        """Make buf hold the queue up to position ``limit``."""
+        have = self._buf_start + len(self._buf)
+        if have >= limit:
+            return
+        parts = [self._buf[self._head - self._buf_start:]]
+        while have < limit:
+            chunk = self._chunks.popleft()
+            parts.append(chunk)
+            have += len(chunk)
+        self._buf, self._buf_start = "".join(parts), self._head
+
+    def _find_cut(self, target: int) -> int:
+        """The first unit boundary at or after ``target`` (the queue's end at most)."""
+        head, end = self._head, self._end
+        if target >= end:
+            return end
+        if self._token:
+            for group in self._groups:
+                if group.end >= target:
+                    return group.end
+            return end  # pragma: no cover - the groups cover the queue
+        if target - head <= _SEGMENT_MAX:
+            limit = min(end, target + _LOOK)
+            self._cover(limit)
+            off = self._buf_start
+            for unit_end in self._ends_from(self._buf, head - off, limit - off,
+                                            self._sent_cluster):
+                if unit_end + off >= limit and limit < end:
+                    break  # may be cut short: a unit longer than _LOOK
+                if unit_end + off >= target:
+                    return unit_end + off
+        return self._safe_cut(target)
+
+    def _safe_cut(self, target: int) -> int:
+        """A safe cluster boundary near ``target``: the first within _LOOK after it, else
+        the last within _LOOK before it, else the queue's end (a run with no safe
+        boundary: regional indicators, combining marks)."""
+        head, end = self._head, self._end
+        limit = min(end, target + _LOOK)
+        self._cover(limit)
+        off = self._buf_start
+        m = _SAFE.search(self._buf, target - 1 - off, limit - off)
+        if m is None:
+            lo = max(head, target - _LOOK) - off
+            m = _SAFE_BACK.search(self._buf, lo, target - off)
+        if m is not None and m.end() + off > head:
+            cut: int = m.end() + off
+            return cut
+        return end
