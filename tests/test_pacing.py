@@ -388,7 +388,7 @@ def test_finish_releases_the_held_incomplete_cluster() -> None:
     assert pacer.next_due() == pytest.approx(0.035)
     pacer.finish(0.012)
     due = pacer.next_due()
-    assert due == pytest.approx(0.030)
+    assert due is not None and due == pytest.approx(0.030)
     [piece] = pacer.pull(due)
     assert (piece.text, piece.arrived) == (FAMILY[:2], 0.01)
     assert not pacer.pending
@@ -793,7 +793,7 @@ def test_a_huge_delta_costs_a_bounded_amount_of_work_per_call(
     work[0] = 0
     pacer.push(body, 1.0)
     most = work[0]
-    sent = []
+    sent: list[str] = []
     while pacer.pending:
         due = pacer.next_due()
         assert due is not None
@@ -828,7 +828,8 @@ def test_property_long_runs_concatenate_exactly_in_whole_clusters(
     bounds = [0, *bounds_at, len(text)]
     arrivals = [(1.0 + gap * i, text[a:b]) for i, (a, b) in enumerate(zip(bounds, bounds[1:]))]
     limits = {"_LOOK": 64, "_SEGMENT_MAX": 128} if small else {}
-    small_limits = mock.patch.multiple(pacing, **limits) if limits else contextlib.nullcontext()
+    small_limits: Any = (mock.patch.multiple(pacing, **limits)  # type: ignore[call-overload]
+                         if limits else contextlib.nullcontext())  # (typeshed: str values)
     with small_limits:  # small limits: the local cut searches
         sent, pacer = drive(s, arrivals, finish_at=arrivals[-1][0] + 1.0)
     assert "".join(texts(sent)) == text and not pacer.pending
