@@ -253,8 +253,8 @@ async def test_an_eventsource_subscriber_that_stops_reading_is_dropped_alone(
         with capture_logs() as logs:
             async with silent_client(r):
                 await r.wait_mock("completed", 1, within=10)
-                for _ in range(400):  # bounded: dropped within client_timeout_s + margin
-                    if not r.deps.registry.subscribers:
+                for _ in range(800):  # bounded: dropped within client_timeout_s + margin
+                    if not r.deps.registry.subscribers and not r.deps.registry.active:
                         break
                     await asyncio.sleep(0.025)
         assert not r.deps.registry.subscribers
