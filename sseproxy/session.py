@@ -3,7 +3,7 @@
 A :class:`StreamSession` runs two coroutines:
 
 * the *pump* (a task the session owns) opens the upstream request, reads its
-  deltas and puts them in a bounded :class:`Channel`, ending with an end or a
+  deltas and puts them in a :class:`Channel` bounded in bytes, ending with an end or a
   failure item. When the channel is full the pump waits, so a slow client
   slows the upstream read instead of growing memory;
 * the *writer* (:meth:`StreamSession.relay`, run by the handler) writes to the
@@ -43,8 +43,13 @@ from .upstream import ChatStream, Delta, UpstreamClient
 
 log = structlog.get_logger("sseproxy.stream")
 
-#: Items the pump may queue before it waits for the writer.
-CHANNEL_HIGH_WATER = 256
+#: Bytes the pump may queue before it pauses the upstream read: the text of the queued
+#: deltas (its length: one byte per character for ASCII, as Python stores it) plus
+#: ``ITEM_OVERHEAD_BYTES`` per item. Counted in bytes, not deltas, so 1 MB deltas do not
+#: queue 256 MB.
+CHANNEL_HIGH_WATER_BYTES = 256 * 1024
+#: What one queued item costs besides its text (the objects that carry it).
+ITEM_OVERHEAD_BYTES = 128
 #: A deadline timer that fires this close to its deadline counts as on time.
 _TIMER_SLACK_S = 0.001
 #: How long a cancelled pump gets to close the upstream response.
@@ -122,7 +127,8 @@ Item = Delta | End | Failed | Drain
 
 
 class Channel:
-    """A single-producer, single-consumer queue with a high-water mark and ``close()``.
+    """A single-producer, single-consumer queue with a high-water mark in bytes and
+    ``close()``.
 
     The producer (the upstream's byte callback) never waits: once the channel is
     :attr:`full` it pauses the upstream, and ``on_space`` is called when the consumer has
@@ -131,9 +137,11 @@ class Channel:
     queued. The deadline timer is kept and moved on lazily rather than made per wait.
     """
 
-    def __init__(self, high_water: int = CHANNEL_HIGH_WATER,
+    def __init__(self, high_water: int = CHANNEL_HIGH_WATER_BYTES,
                  on_space: Callable[[], None] | None = None) -> None:
         self._items: deque[Item] = deque()
+        #: What the queued items cost, in bytes (see ``CHANNEL_HIGH_WATER_BYTES``).
+        self.queued_bytes = 0
         self._high_water = high_water
         self._on_space = on_space
         self._loop = asyncio.get_running_loop()
@@ -147,7 +155,7 @@ class Channel:
 
     @property
     def full(self) -> bool:
-        return len(self._items) >= self._high_water
+        return self.queued_bytes >= self._high_water
 
     def _wake(self) -> None:
         fut = self._getter
@@ -162,6 +170,10 @@ class Channel:
 
     def put_nowait(self, item: Item) -> None:
         self._items.append(item)
+        if isinstance(item, Delta):
+            self.queued_bytes += len(item.content) + ITEM_OVERHEAD_BYTES
+        else:
+            self.queued_bytes += ITEM_OVERHEAD_BYTES
         if self._getter is not None:
             self._wake()
 
@@ -203,9 +215,10 @@ class Channel:
             raise ClientGone
         if not self._items:
             return None
-        was_full = len(self._items) >= self._high_water
+        was_full = self.queued_bytes >= self._high_water
         items = list(self._items)
         self._items.clear()
+        self.queued_bytes = 0
         if was_full and self._on_space is not None:
             self._on_space()
         return items

@@ -12,7 +12,7 @@ from structlog.testing import capture_logs
 from sseproxy import config, errors, sse
 from sseproxy.frames import EventSourceFrames
 from sseproxy.metrics import Metrics
-from sseproxy.session import Channel, ClientGone, End, Outcome, StreamSession
+from sseproxy.session import ITEM_OVERHEAD_BYTES, Channel, ClientGone, End, Outcome, StreamSession
 from sseproxy.upstream import Delta
 
 
@@ -268,7 +268,8 @@ async def test_collect_returns_the_whole_text(io_loop: Any) -> None:
 
 async def test_channel_batches_and_tells_when_it_has_space_again(io_loop: Any) -> None:
     spaces: list[int] = []
-    ch = Channel(high_water=2, on_space=lambda: spaces.append(len(ch)))
+    # the mark is in bytes: each delta costs its text plus a fixed overhead
+    ch = Channel(high_water=2 * (1 + ITEM_OVERHEAD_BYTES), on_space=lambda: spaces.append(len(ch)))
     loop = asyncio.get_running_loop()
     ch.put_nowait(Delta("a"))
     assert not ch.full
@@ -309,7 +310,7 @@ async def test_a_client_that_does_not_read_pauses_the_upstream_read(io_loop: Any
     from servers import running, silent_client
 
     from sseproxy.mockupstream import Scenario
-    from sseproxy.session import CHANNEL_HIGH_WATER
+    from sseproxy.session import CHANNEL_HIGH_WATER_BYTES
 
     flood = Scenario(rate=5000, tokens=100_000)
     async with running(flood, sndbuf=8192) as r:
@@ -325,9 +326,10 @@ async def test_a_client_that_does_not_read_pauses_the_upstream_read(io_loop: Any
             assert session is not None, "the channel never filled up"
             chat = session._chat
             assert chat is not None and chat._paused
-            queued = len(session.channel)
+            queued = session.channel.queued_bytes
             await asyncio.sleep(0.5)
             # past the mark by at most the rest of the read that crossed it (64 KiB of
             # chunks, each over 64 bytes), and no longer growing
-            assert len(session.channel) == queued <= CHANNEL_HIGH_WATER + 65536 // 64
+            most = CHANNEL_HIGH_WATER_BYTES + 65536 + 65536 // 64 * ITEM_OVERHEAD_BYTES
+            assert session.channel.queued_bytes == queued <= most
             assert session.upstream_watch.since is None  # paused is not an upstream stall
