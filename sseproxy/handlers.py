@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -142,6 +143,7 @@ class StreamingHandler(BaseHandler):
             # Tornado turns Nagle off only when a response finishes; a stream's small
             # frames would otherwise wait for the client's delayed ACK (up to 40 ms).
             self.request.connection.stream.set_nodelay(True)
+            self._cap_send_buffer(self.request.connection.stream)
         if self.request.version == "HTTP/1.0":
             # No chunked framing in HTTP/1.0: the stream ends when the connection closes.
             # Tornado would answer a keep-alive request with "Keep-Alive" and then keep the
@@ -149,6 +151,17 @@ class StreamingHandler(BaseHandler):
             self.request.headers["Connection"] = "close"
             self.set_header("Connection", "close")
             self._close_when_done = True
+
+    def _cap_send_buffer(self, stream: IOStream) -> None:
+        """Cap the kernel's send buffer (``limits.client_sndbuf_bytes``), so a client that
+        stops reading is seen as a flush that does not complete within seconds rather than
+        after the kernel has autotuned the buffer to megabytes (and holds them)."""
+        size = self.cfg.limits.client_sndbuf_bytes
+        if size and stream.socket is not None:
+            try:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:  # the client is already gone: the first flush will tell
+                pass
 
     async def send(self, data: bytes) -> None:
         """:class:`~sseproxy.session.Sink`: write and flush at once.

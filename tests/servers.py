@@ -24,7 +24,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import httpx
-from tornado.iostream import IOStream
 from tornado.testing import bind_unused_port
 
 from sseproxy import app, config, mockupstream, sse
@@ -147,8 +146,8 @@ async def running(
 ) -> AsyncIterator[Running]:
     """sseproxy in front of the simulator; ``scenario`` becomes the default model string.
 
-    ``sndbuf`` shrinks the kernel send buffer of sseproxy's client connections (a slow
-    link), so a client that stops reading blocks sseproxy's flush quickly.
+    ``sndbuf`` sets ``limits.client_sndbuf_bytes`` (a slow link: a client that stops reading
+    blocks sseproxy's flush quickly).
     """
     async with simulator() as mock_url:
         async with _sseproxy(mock_url, scenario, personas, upstream_url, sndbuf, config_file,
@@ -174,20 +173,14 @@ async def _sseproxy(
         keys["pacing.mode"] = "off"
     if scenario is not None:
         keys["upstream.model"] = scenario.to_model()
+    if sndbuf is not None:
+        keys["limits.client_sndbuf_bytes"] = sndbuf
     keys.update({k.replace("__", "."): v for k, v in overrides.items()})
     settings = config.load(config_file, environ={}, overrides=keys)
     if personas:
         settings = dataclasses.replace(settings, personas=dict(personas))
     deps = await app.build_deps(settings)
     server = app.make_server(app.make_app(settings, deps), settings)
-    if sndbuf is not None:
-        accept = server.handle_stream
-
-        def handle_stream(stream: IOStream, address: tuple[str, int]) -> None:
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-            accept(stream, address)
-
-        server.handle_stream = handle_stream  # type: ignore[method-assign]
     sock, port = bind_unused_port()
     server.add_sockets([sock])
     try:

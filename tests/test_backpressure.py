@@ -17,8 +17,13 @@ from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
+import httpx
+from servers import simulator
 from test_cli import free_port, process
+
+from sseproxy.mockupstream import Scenario
 
 CHAT = [{"role": "user", "content": "hi"}]
 MIB = 1 << 20
@@ -77,6 +82,58 @@ async def until(check: Any, within: float, what: str) -> float:
             raise AssertionError(f"{what} did not happen within {within} s")
         await asyncio.sleep(0.05)
     return time.monotonic() - start
+
+
+async def mock_stats(mock: str) -> dict[str, int]:
+    async with httpx.AsyncClient() as c:
+        return dict((await c.get(mock + "/mock/stats")).json())
+
+
+async def test_clients_that_never_read_are_dropped_within_the_client_timeout(
+    io_loop: Any, tmp_path: Path
+) -> None:
+    # Issue 13, point 5: 100 clients of a 20 deltas/s stream that never read. The kernel
+    # used to autotune each send buffer to megabytes, so a flush kept completing for
+    # minutes; with the send buffer capped (limits.client_sndbuf_bytes) it stalls within
+    # about a second of these 1 KB deltas, and the stream is dropped client_timeout_s later.
+    timeout, clients = 1.0, 100
+    word = "x" * 1000  # the simulator echoes the prompt: a 1 KB delta 20 times a second
+    scenario = Scenario(text="echo", rate=20, tokens=2000)
+    async with simulator() as mock, sseproxy(tmp_path, {
+        "upstream.base_url": mock + "/v1", "upstream.model": scenario.to_model(),
+        "stall.client_timeout_s": timeout, "stall.threshold_s": timeout,
+    }) as (base, pid):
+        before = rss_bytes(pid)
+        request = f"GET /v1/chat/stream?prompt={quote(word)} HTTP/1.1\r\nHost: x\r\n\r\n"
+        socks = [await silent(base, request.encode()) for _ in range(clients)]
+        try:
+            async def all_open() -> bool:
+                return (await mock_stats(mock))["requests"] == clients
+
+            await until(all_open, 30, "all streams opening")
+            peak, slowest_health = before, 0.0
+            async with httpx.AsyncClient(timeout=5) as client:
+                async def all_dropped() -> bool:
+                    nonlocal peak, slowest_health
+                    asked = time.monotonic()
+                    assert (await client.get(base + "/healthz")).status_code == 200
+                    slowest_health = max(slowest_health, time.monotonic() - asked)
+                    peak = max(peak, rss_bytes(pid))
+                    return (await mock_stats(mock))["open"] == 0
+
+                took = await until(all_dropped, timeout + 14, "dropping every client")
+                metrics = (await client.get(base + "/metrics")).text
+        finally:
+            for sock in socks:
+                sock.close()
+        stats = await mock_stats(mock)
+    assert stats["cancelled"] == clients and stats["completed"] == 0
+    assert f'sseproxy_streams_total{{outcome="client_stalled"}} {clients}.0' in metrics
+    print(f"\nB: dropped after {took:.1f} s, RSS +{(peak - before) / MIB:.1f} MiB, "
+          f"slowest healthz {slowest_health:.2f} s")
+    assert took < timeout + 14
+    assert slowest_health < 2.0
+    assert peak - before < 64 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
 
 
 class BigDeltas:
