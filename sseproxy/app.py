@@ -25,6 +25,7 @@ from . import config, handlers, mockupstream
 from .config import Settings
 from .errors import ConfigError
 from .handlers import Deps, StreamSlots
+from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .session import StallMonitor
 from .upstream import UpstreamClient, make_transport
@@ -103,6 +104,8 @@ async def build_deps(
                 metrics=metrics if metrics is not None else Metrics(),
                 monitor=StallMonitor(slots.sessions, lambda: deps.settings))
     deps.monitor.start()
+    deps.loop_lag = LoopLagMonitor(deps.metrics.event_loop_lag.observe)
+    deps.loop_lag.start()
     return deps
 
 
@@ -199,6 +202,8 @@ async def serve(
         except TimeoutError:
             log.warning("connections_left_open")
         deps.monitor.stop()
+        if deps.loop_lag is not None:
+            deps.loop_lag.stop()
         await deps.upstream.aclose()
         if mock_server is not None:
             mock_server.stop()

@@ -26,6 +26,7 @@ from tornado.iostream import IOStream, StreamClosedError
 from . import __version__, errors, validate
 from .config import Settings
 from .frames import EventSourceFrames, OpenAIFrames, dumps
+from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .session import ClientGone, Outcome, StallMonitor, StreamSession
 from .upstream import UpstreamClient
@@ -76,6 +77,8 @@ class Deps:
     slots: StreamSlots
     metrics: Metrics
     monitor: StallMonitor
+    #: Measures the event loop's lag (one per process, started with the app).
+    loop_lag: LoopLagMonitor | None = None
 
 
 def new_stream_id() -> str:

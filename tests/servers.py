@@ -189,6 +189,8 @@ async def _sseproxy(
         server.stop()
         await server.close_all_connections()
         deps.monitor.stop()
+        if deps.loop_lag is not None:
+            deps.loop_lag.stop()
         await deps.upstream.aclose()
 
 
