@@ -129,8 +129,6 @@ async def test_clients_that_never_read_are_dropped_within_the_client_timeout(
         stats = await mock_stats(mock)
     assert stats["cancelled"] == clients and stats["completed"] == 0
     assert f'sseproxy_streams_total{{outcome="client_stalled"}} {clients}.0' in metrics
-    print(f"\nB: dropped after {took:.1f} s, RSS +{(peak - before) / MIB:.1f} MiB, "
-          f"slowest healthz {slowest_health:.2f} s")
     assert took < timeout + 14
     assert slowest_health < 2.0
     assert peak - before < 64 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
@@ -255,8 +253,8 @@ async def test_1_mb_deltas_to_clients_that_never_read_cost_bounded_memory(
                 for sock in socks:
                     sock.close()
             sent = upstream.sent
-    print(f"\nD: dropped after {took:.1f} s, RSS +{(peak - before) / MIB:.1f} MiB, sent {sent}")
     assert took < timeout + 15
-    # each stream: a bounded queue, one delta on its way out, and the upstream's read
+    # each stream: a bounded queue, one delta on its way out, the upstream's read, and what
+    # the kernel buffers on both ends of the upstream connection (up to tens of MB)
     assert sent < clients * 64, f"the upstream wrote {sent} deltas of 1 MB"
     assert peak - before < clients * 16 * MIB, f"RSS grew by {(peak - before) / MIB:.0f} MiB"
