@@ -18,7 +18,7 @@ import json
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any
@@ -107,6 +107,20 @@ async def simulator(defaults: mockupstream.Scenario = mockupstream.Scenario()
         yield f"http://127.0.0.1:{port}"
     finally:
         await sim.stop()
+
+
+async def eventually(check: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
+    """Wait until ``check()`` is true, polling; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or check} did not happen within {within} s")
+        await asyncio.sleep(0.01)
+
+
+def stream_logged(logs: list[dict[str, Any]]) -> Callable[[], bool]:
+    """Whether the canonical ``stream`` log line is among ``logs`` (written as a stream ends)."""
+    return lambda: any(e.get("event") == "stream" for e in logs)
 
 
 @dataclass

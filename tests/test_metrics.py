@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from prometheus_client import CollectorRegistry, Histogram
 from fakes import chunk, client, responder
-from servers import Running, running, silent_client, stream
+from servers import Running, eventually, running, silent_client, stream, stream_logged
 from structlog.testing import capture_logs
 
 from sseproxy import config, metrics
@@ -73,7 +73,7 @@ def test_upstream_status_labels_are_bounded(status: int | None, label: str) -> N
 
 
 async def check_outcome(r: Running, logs: list[dict[str, Any]], outcome: str) -> None:
-    await asyncio.sleep(0.05)
+    await eventually(stream_logged(logs))
     assert outcomes(logs) == [outcome]
     for other in metrics.OUTCOMES:
         assert value(r, "sseproxy_streams_total", outcome=other) == (other == outcome), other
@@ -230,7 +230,9 @@ async def test_an_upstream_pause_is_an_upstream_stall_while_it_lasts(io_loop: An
         with capture_logs() as logs:
             reader = asyncio.create_task(stream("GET", es_url(r.url)))
             await r.wait_mock("open", 1, within=3)
-            await asyncio.sleep(1.25)  # inside the simulator's pause, past the threshold
+            # inside the simulator's pause, past the threshold
+            await eventually(
+                lambda: value(r, "sseproxy_streams_stalled", side="upstream") == 1, within=5)
             during = await scrape(r)
             got = await reader
         after = await scrape(r)
@@ -247,19 +249,20 @@ async def test_an_upstream_pause_is_an_upstream_stall_while_it_lasts(io_loop: An
 async def test_a_client_that_stops_reading_is_a_client_stall_then_dropped(io_loop: Any) -> None:
     # a long, steady reply: the upstream never pauses, the client never reads
     flood = Scenario(rate=5000, tokens=100_000)
-    async with running(flood, stall__threshold_s=0.5, stall__client_timeout_s=2.0,
+    # (a threshold of 1 s, so a busy machine that delays the simulator does not make an
+    # upstream stall of its own)
+    async with running(flood, stall__threshold_s=1.0, stall__client_timeout_s=3.0,
                        sndbuf=8192) as r:
         with capture_logs() as logs:
             async with silent_client(r):
                 await r.wait_mock("open", 1, within=5)
-                for _ in range(100):  # the client side stalls once its buffers are full
-                    if value(r, "sseproxy_streams_stalled", side="client") == 1:
-                        break
-                    await asyncio.sleep(0.05)
+                # the client side stalls once its buffers are full
+                await eventually(lambda: value(r, "sseproxy_streams_stalled", side="client") == 1,
+                                 within=15, what="a client stall")
                 during_client = value(r, "sseproxy_streams_stalled", side="client")
                 during_upstream = value(r, "sseproxy_streams_stalled", side="upstream")
                 await r.wait_mock("open", 0, within=20)
-                await asyncio.sleep(0.05)
+                await eventually(stream_logged(logs))
         stats = await r.mock_stats()
         assert during_client == 1 and during_upstream == 0
         assert value(r, "sseproxy_streams_stalled", side="client") == 0
