@@ -26,6 +26,7 @@ from . import config, handlers, httpserver, mockupstream
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
+from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
 from .record import Outcome
@@ -147,6 +148,8 @@ async def build_deps(
     deps = Deps(settings=settings, upstream=upstream, registry=registry, store=store,
                 metrics=metrics, models=ModelCatalog(upstream))
     registry.start()
+    deps.loop_lag = LoopLagMonitor(deps.metrics.event_loop_lag.observe)
+    deps.loop_lag.start()
     return deps
 
 
@@ -157,6 +160,8 @@ async def close_deps(deps: Deps) -> None:
         generation.stop(Outcome.CANCELLED, ServerShutdown())
     await asyncio.gather(*(g.wait_closed() for g in running))
     deps.registry.stop()
+    if deps.loop_lag is not None:
+        deps.loop_lag.stop()
     deps.store.close()
     await deps.upstream.aclose()
 

@@ -111,6 +111,10 @@ class LimitsSettings:
     #: A request body has this long to arrive whole after its head: 408 after that.
     body_timeout_s: float = field(default=30.0, metadata=_range(0.01, 3600))
     max_streams: int = field(default=1000, metadata=_range(1, 1_000_000))
+    #: ``SO_SNDBUF`` of a streaming client's socket (Linux reserves twice this), so a client
+    #: that stops reading fills it in seconds and its flush stalls, instead of the kernel
+    #: autotuning it to megabytes; 0 leaves it to the kernel.
+    client_sndbuf_bytes: int = field(default=16_384, metadata=_range(0, 1 << 26))
     max_messages: int = field(default=256, metadata=_range(1, 100_000))
     #: Characters of text over all messages of one request (the EventSource ``prompt`` too).
     max_prompt_chars: int = field(default=100_000, metadata=_range(1, 1 << 30))

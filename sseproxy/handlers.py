@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import re
 import secrets
+import socket
 import time
 import uuid
 from dataclasses import dataclass
@@ -22,12 +23,13 @@ from typing import Any
 import structlog
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import StreamClosedError
+from tornado.iostream import IOStream, StreamClosedError
 
 from . import __version__, errors, models, validate
 from .config import Settings
 from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps
 from .generation import Generation
+from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
 from .record import Outcome, StreamRecord
@@ -57,6 +59,8 @@ class Deps:
     store: Store
     metrics: Metrics
     models: ModelCatalog
+    #: Measures the event loop's lag (one per process, started with the app).
+    loop_lag: LoopLagMonitor | None = None
 
 
 def new_stream_id() -> str:
@@ -136,6 +140,7 @@ class StreamingHandler(BaseHandler):
             # Tornado turns Nagle off only when a response finishes; a stream's small
             # frames would otherwise wait for the client's delayed ACK (up to 40 ms).
             self.request.connection.stream.set_nodelay(True)
+            self._cap_send_buffer(self.request.connection.stream)
         if self.request.version == "HTTP/1.0":
             # No chunked framing in HTTP/1.0: the stream ends when the connection closes.
             # Tornado would answer a keep-alive request with "Keep-Alive" and then keep the
@@ -144,6 +149,17 @@ class StreamingHandler(BaseHandler):
             self.set_header("Connection", "close")
             self._close_when_done = True
         self.sink = ConnectionSink(self)
+
+    def _cap_send_buffer(self, stream: IOStream) -> None:
+        """Cap the kernel's send buffer (``limits.client_sndbuf_bytes``), so a client that
+        stops reading is seen as a flush that does not complete within seconds rather than
+        after the kernel has autotuned the buffer to megabytes (and holds them)."""
+        size = self.cfg.limits.client_sndbuf_bytes
+        if size and stream.socket is not None:
+            try:
+                stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+            except OSError:  # the client is already gone: the first flush will tell
+                pass
 
     def new_generation(self, req: validate.ChatRequest, stream_id: str, *,
                        retained: bool) -> Generation:

@@ -6,8 +6,8 @@ fixed sets that are created at start-up, so every series exists (at 0) from the
 first scrape and dashboards never see a series appear out of nowhere.
 
 Histogram buckets follow the real ranges: time to first token 50 ms–120 s,
-gaps between events 5 ms–60 s, pacing lag 1 ms–10 s, stream duration
-100 ms–1 h.
+gaps between events 5 ms–60 s, pacing lag 1 ms–10 s, event-loop lag 1 ms–10 s,
+stream duration 100 ms–1 h.
 
 The figures counted for every event (events and bytes sent, the gap between events, the
 pacing lag) are kept per stream in a :class:`StreamTally` of plain numbers and summed when
@@ -52,6 +52,9 @@ GAP_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20
                60.0)
 LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 0.75, 1.0, 1.5, 2.0,
                3.0, 5.0, 10.0)
+#: Event-loop lag: well under 1 ms when healthy; seconds when something blocks the loop.
+LOOP_LAG_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0,
+                    10.0)
 DURATION_BUCKETS = (0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0,
                     600.0, 1800.0, 3600.0)
 
@@ -219,6 +222,10 @@ class Metrics:
             "sseproxy_log_evictions",
             "Finished stream logs dropped before their store.ttl_s to stay within "
             "store.max_bytes.", registry=r)
+        self.event_loop_lag = Histogram(
+            "sseproxy_event_loop_lag_seconds",
+            "How much later than due a periodic timer ran: time the event loop was blocked.",
+            buckets=LOOP_LAG_BUCKETS, registry=r)
         self.config_reloads = Counter(
             "sseproxy_config_reloads", "Configuration reloads (SIGHUP), by result.",
             ["result"], registry=r)

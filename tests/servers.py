@@ -1,29 +1,128 @@
-"""Real servers for end-to-end tests: the simulator and sseproxy on 127.0.0.1, in the test's loop.
+"""Real servers for end-to-end tests: the simulator and sseproxy on 127.0.0.1.
 
 ``running()`` starts both, yields their URLs, and stops both, whatever the test did.
+sseproxy runs in the test's event loop (tests look inside it); the simulator runs in a
+thread of its own with its own event loop (:class:`SimulatorThread`), so the tokens it
+produces cost the test's loop nothing: a busy machine slows both, but a flood from the
+simulator cannot starve the test's clients and timers of their loop.
 Also a small EventSource-like reader that timestamps what arrives.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import dataclasses
 import json
 import socket
+import threading
 import time
-from collections.abc import AsyncGenerator, AsyncIterator, Mapping
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from typing import Any, cast
 
 import httpx
-from tornado.iostream import IOStream
 from tornado.testing import bind_unused_port
 
 from sseproxy import app, config, mockupstream, sse
 from sseproxy.config import Persona, Settings
 from sseproxy.handlers import Deps
+
+
+#: How long the simulator thread may take to start or to stop.
+SIMULATOR_TIMEOUT_S = 10.0
+
+
+def _settle(fut: concurrent.futures.Future[Any], outcome: Any) -> None:
+    """Resolve ``fut`` unless a waiter gave up on it (a cancelled future takes nothing)."""
+    if fut.done():
+        return
+    with contextlib.suppress(concurrent.futures.InvalidStateError):
+        if isinstance(outcome, BaseException):
+            fut.set_exception(outcome)
+        else:
+            fut.set_result(outcome)
+
+
+class SimulatorThread:
+    """The simulator served from a thread with its own event loop.
+
+    ``await start()`` returns its port once it listens; ``await stop()`` closes its
+    connections, ends the loop and joins the thread, each within ``SIMULATOR_TIMEOUT_S``.
+    """
+
+    def __init__(self, defaults: mockupstream.Scenario = mockupstream.Scenario(),
+                 **app_settings: Any) -> None:
+        self.defaults = defaults
+        self.app_settings = app_settings
+        self.port = 0
+        self._ready: concurrent.futures.Future[int] = concurrent.futures.Future()
+        self._done: concurrent.futures.Future[None] = concurrent.futures.Future()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop: asyncio.Event | None = None
+        self._thread = threading.Thread(target=self._run, name="simulator", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            asyncio.run(self._serve())
+        except BaseException as exc:  # reported to whoever waits on start() or stop()
+            _settle(self._ready, exc)
+            _settle(self._done, exc)
+        else:
+            _settle(self._done, None)
+
+    async def _serve(self) -> None:
+        self._loop, self._stop = asyncio.get_running_loop(), asyncio.Event()
+        server, port = await mockupstream.start(self.defaults, **self.app_settings)
+        _settle(self._ready, port)
+        try:
+            await self._stop.wait()
+        finally:
+            server.stop()
+            await asyncio.wait_for(server.close_all_connections(), SIMULATOR_TIMEOUT_S / 2)
+
+    async def start(self) -> int:
+        self._thread.start()
+        fut = asyncio.wrap_future(self._ready)
+        self.port = await asyncio.wait_for(fut, SIMULATOR_TIMEOUT_S)
+        return self.port
+
+    async def stop(self) -> None:
+        if self._loop is not None and self._stop is not None and not self._done.done():
+            with contextlib.suppress(RuntimeError):  # the loop has already ended
+                self._loop.call_soon_threadsafe(self._stop.set)
+        if self._thread.is_alive():
+            await asyncio.wait_for(asyncio.wrap_future(self._done), SIMULATOR_TIMEOUT_S)
+        self._thread.join(timeout=SIMULATOR_TIMEOUT_S)
+        assert not self._thread.is_alive(), "the simulator thread did not stop"
+
+
+@asynccontextmanager
+async def simulator(defaults: mockupstream.Scenario = mockupstream.Scenario(),
+                    **app_settings: Any) -> AsyncIterator[str]:
+    """The simulator in its own thread; yields its base URL (without ``/v1``)."""
+    sim = SimulatorThread(defaults, **app_settings)
+    try:
+        port = await sim.start()
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        await sim.stop()
+
+
+async def eventually(check: Callable[[], bool], within: float = 10.0, what: str = "") -> None:
+    """Wait until ``check()`` is true, polling; fail after ``within`` seconds."""
+    deadline = time.monotonic() + within
+    while not check():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{what or check} did not happen within {within} s")
+        await asyncio.sleep(0.01)
+
+
+def stream_logged(logs: Sequence[Mapping[str, Any]]) -> Callable[[], bool]:
+    """Whether the canonical ``stream`` log line is among ``logs`` (written as a stream ends)."""
+    return lambda: any(e.get("event") == "stream" for e in logs)
 
 
 @dataclass
@@ -63,11 +162,25 @@ async def running(
 ) -> AsyncIterator[Running]:
     """sseproxy in front of the simulator; ``scenario`` becomes the default model string.
 
-    ``sndbuf`` shrinks the kernel send buffer of sseproxy's client connections (a slow
-    link), so a client that stops reading blocks sseproxy's flush quickly.
+    ``sndbuf`` sets ``limits.client_sndbuf_bytes`` (a slow link: a client that stops reading
+    blocks sseproxy's flush quickly).
     """
-    mock_server, mock_port = await mockupstream.start()
-    mock_url = f"http://127.0.0.1:{mock_port}"
+    async with simulator() as mock_url:
+        async with _sseproxy(mock_url, scenario, personas, upstream_url, sndbuf, config_file,
+                             overrides) as r:
+            yield r
+
+
+@asynccontextmanager
+async def _sseproxy(
+    mock_url: str,
+    scenario: mockupstream.Scenario | None,
+    personas: Mapping[str, Persona] | None,
+    upstream_url: str | None,
+    sndbuf: int | None,
+    config_file: str | None,
+    overrides: dict[str, Any],
+) -> AsyncIterator[Running]:
     keys: dict[str, Any] = {"upstream.kind": "mock",
                             "upstream.base_url": upstream_url or mock_url + "/v1"}
     if config_file is None:
@@ -76,20 +189,14 @@ async def running(
         keys["pacing.mode"] = "off"
     if scenario is not None:
         keys["upstream.model"] = scenario.to_model()
+    if sndbuf is not None:
+        keys["limits.client_sndbuf_bytes"] = sndbuf
     keys.update({k.replace("__", "."): v for k, v in overrides.items()})
     settings = config.load(config_file, environ={}, overrides=keys)
     if personas:
         settings = dataclasses.replace(settings, personas=dict(personas))
     deps = await app.build_deps(settings)
     server = app.make_server(app.make_app(settings, deps), settings)
-    if sndbuf is not None:
-        accept = server.handle_stream
-
-        def handle_stream(stream: IOStream, address: tuple[str, int]) -> None:
-            stream.socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, sndbuf)
-            accept(stream, address)
-
-        server.handle_stream = handle_stream  # type: ignore[method-assign]
     sock, port = bind_unused_port()
     server.add_sockets([sock])
     try:
@@ -98,8 +205,6 @@ async def running(
         server.stop()
         await server.close_all_connections()
         await app.close_deps(deps)
-        mock_server.stop()
-        await mock_server.close_all_connections()
 
 
 @dataclass

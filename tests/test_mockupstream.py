@@ -24,6 +24,7 @@ import pytest
 import regex  # type: ignore[import-untyped]  # regex ships no type hints
 from hypothesis import given
 from hypothesis import strategies as st
+from servers import simulator
 
 from sseproxy import mockupstream
 from sseproxy.mockupstream import TEXT_KINDS, Scenario, make_tokens
@@ -35,14 +36,10 @@ USER = [{"role": "user", "content": "Say something."}]
 async def serving(
     defaults: Scenario = Scenario(rate=0), **app_settings: Any
 ) -> AsyncIterator[httpx.AsyncClient]:
-    """A running simulator and a client whose base URL points at it."""
-    server, port = await mockupstream.start(defaults, **app_settings)
-    try:
-        async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=5) as c:
+    """A running simulator (in its own thread) and a client whose base URL points at it."""
+    async with simulator(defaults, **app_settings) as url:
+        async with httpx.AsyncClient(base_url=url, timeout=5) as c:
             yield c
-    finally:
-        server.stop()
-        await server.close_all_connections()
 
 
 def chat(model: str, stream: bool = True, usage: bool = False, messages: Any = None) -> Any:
@@ -692,10 +689,8 @@ async def test_many_concurrent_streams(io_loop: Any) -> None:
 
 
 async def test_the_openai_sdk_understands_the_simulator(io_loop: Any) -> None:
-    server, port = await mockupstream.start(Scenario(rate=0))
-    sdk = openai.AsyncOpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="sk-none",
-                             max_retries=0)
-    try:
+    async with simulator(Scenario(rate=0)) as url, openai.AsyncOpenAI(
+            base_url=url + "/v1", api_key="sk-none", max_retries=0) as sdk:
         stream = await sdk.chat.completions.create(
             model="mock?tokens=8&text=mixed", messages=[{"role": "user", "content": "hi"}],
             stream=True, stream_options={"include_usage": True})
@@ -710,10 +705,6 @@ async def test_the_openai_sdk_understands_the_simulator(io_loop: Any) -> None:
         with pytest.raises(openai.RateLimitError):
             await sdk.chat.completions.create(
                 model="mock?error_status=429", messages=[{"role": "user", "content": "hi"}])
-    finally:
-        await sdk.close()
-        server.stop()
-        await server.close_all_connections()
     expected = "".join(make_tokens(Scenario(tokens=8, text="mixed")))
     assert "".join(parts) == expected == whole.choices[0].message.content
     assert usage is not None and usage.completion_tokens == 8

@@ -189,6 +189,7 @@ def test_alert_rules_fire_when_and_only_when_they_should(tmp_path: Path) -> None
     ttft = "sseproxy_time_to_first_token_seconds_bucket"
     upstream = "sseproxy_upstream_requests_total"
     outcomes, reloads = "sseproxy_streams_total", "sseproxy_config_reloads_total"
+    loop_lag = "sseproxy_event_loop_lag_seconds_bucket"
     healthy = {
         _s(active, a): "5x40", _s(active, b): "5x40",
         _s(stalled, a, side="client"): "0x40", _s(stalled, a, side="upstream"): "0x40",
@@ -199,6 +200,8 @@ def test_alert_rules_fire_when_and_only_when_they_should(tmp_path: Path) -> None
         _s(ttft, a, le="+Inf"): "0+10x40",
         _s(upstream, a, status="2xx"): "0+99x40", _s(upstream, a, status="5xx"): "0+1x40",
         _s(reloads, a, result="ok"): "0x10 1x29", _s(reloads, a, result="error"): "0x40",
+        _s(loop_lag, a, le="0.001"): "0+590x40", _s(loop_lag, a, le="0.1"): "0+600x40",
+        _s(loop_lag, a, le="+Inf"): "0+600x40",
     }
     tests = [
         _alert_tests(rules, healthy, "35m", {}),
@@ -236,6 +239,14 @@ def test_alert_rules_fire_when_and_only_when_they_should(tmp_path: Path) -> None
             _s(outcomes, b, outcome="completed"): "100+5x40",
         }, "30m", {"SseproxyNoStreamsCompleting": [{**job, "instance": a,
                                                     "severity": "critical"}]}),
+        # one tick in twenty of process a runs 100-250 ms late; b's loop is fine (issue 13)
+        _alert_tests(rules, {
+            _s(loop_lag, a, le="0.001"): "0+500x30", _s(loop_lag, a, le="0.1"): "0+570x30",
+            _s(loop_lag, a, le="0.25"): "0+600x30", _s(loop_lag, a, le="+Inf"): "0+600x30",
+            _s(loop_lag, b, le="0.001"): "0+600x30", _s(loop_lag, b, le="0.1"): "0+600x30",
+            _s(loop_lag, b, le="0.25"): "0+600x30", _s(loop_lag, b, le="+Inf"): "0+600x30",
+        }, "12m", {"SseproxyEventLoopBlocked": [{**job, "instance": a,
+                                                 "severity": "warning"}]}),
         # a reload of process a fails at 5m: firing soon after, cleared after 15m
         _alert_tests(rules, {
             _s(reloads, a, result="error"): "0x4 1x30", _s(reloads, b, result="error"): "0x35",

@@ -18,7 +18,7 @@ import httpx
 import openai
 import pytest
 from openai.types.chat import ChatCompletionMessageParam
-from servers import running, silent_client, stream
+from servers import eventually, running, silent_client, stream, stream_logged
 from structlog.testing import capture_logs
 
 from sseproxy import app, sse
@@ -191,7 +191,7 @@ async def test_client_closing_while_the_model_thinks_cancels_the_upstream(io_loo
                     assert resp.status_code == 200
                     await r.wait_mock("open", 1, within=2.0)
             took = await r.wait_mock("open", 0, within=3.0)
-            await asyncio.sleep(0.05)
+            await eventually(stream_logged(logs))
         assert (await r.mock_stats())["cancelled"] == 1
     assert took < 1.3
     assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["abandoned"]
@@ -214,7 +214,7 @@ async def test_openai_client_leaving_without_a_write_cancels_the_upstream(
                 request.cancel()
                 await asyncio.gather(request, return_exceptions=True)
             took = await r.wait_mock("open", 0, within=3)
-            await asyncio.sleep(0.05)
+            await eventually(stream_logged(logs))
         assert (await r.mock_stats())["cancelled"] == 1
     assert took < 1.0
     assert [e["outcome"] for e in logs if e["event"] == "stream"] == ["client_closed"]
@@ -234,7 +234,7 @@ async def test_a_client_that_stops_reading_is_dropped_and_its_upstream_cancelled
             async with silent_client(r, request=request):
                 await r.wait_mock("open", 1, within=5)
                 await r.wait_mock("open", 0, within=20)
-                await asyncio.sleep(0.05)
+                await eventually(stream_logged(logs))
         stats = await r.mock_stats()
         active = r.deps.registry.active
     assert stats["cancelled"] == 1 and stats["completed"] == 0
@@ -515,7 +515,7 @@ async def test_a_client_that_resets_mid_stream_ends_it_as_client_closed(io_loop:
                 assert await asyncio.wait_for(loop.sock_recv(sock, 4096), 5)
                 sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
             took = await r.wait_mock("open", 0, within=5)
-            await asyncio.sleep(0.05)
+            await eventually(stream_logged(logs))
         assert (await r.mock_stats())["cancelled"] == 1
         assert r.deps.registry.active == 0
     assert took < 2.3
