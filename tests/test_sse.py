@@ -7,6 +7,7 @@ the spec text (whole input, no chunking) is the oracle for fuzzed streams.
 
 from __future__ import annotations
 
+import codecs
 import re
 from dataclasses import dataclass
 
@@ -61,7 +62,10 @@ class Reference:
     last_event_id: str = ""
 
     def decode(self, stream: bytes, max_chars: int) -> list[Event] | str:
-        text = stream.decode("utf-8", "replace").removeprefix("\ufeff")
+        # Not a final decode: the stream has not ended, so a trailing incomplete UTF-8
+        # sequence is not a character yet (it may be completed by the next chunk).
+        text = codecs.getincrementaldecoder("utf-8")("replace").decode(stream)
+        text = text.removeprefix("\ufeff")
         *lines, _incomplete = re.split(r"\r\n|\r|\n", text)
         events: list[Event] = []
         data, event_type, last_id = "", "", ""
@@ -526,6 +530,13 @@ def test_limit_counts_characters_not_bytes() -> None:
 def test_limit_is_per_event() -> None:
     stream = (b"data: " + b"x" * 900 + b"\n\n") * 10
     assert decode_every_way(stream, 1000) == [Event("x" * 900)] * 10
+
+
+def test_a_trailing_incomplete_utf8_sequence_does_not_count_until_it_is_completed() -> None:
+    # Found by the fuzz test: the stream has not ended, so b"\xe2\x82" is not a character
+    # yet (the next chunk may complete it) and an 8-character limit still holds.
+    assert outcome([b"event:::\xe2\x82"], 8) == []
+    assert outcome([b"event:::\xe2\x82", b"\xac"], 8) == "EventTooLarge"
 
 
 def test_limit_must_be_positive() -> None:
