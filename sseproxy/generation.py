@@ -172,12 +172,8 @@ class Generation:
         except errors.LogFull as exc:
             self.stop(outcome_of(exc), exc)
             return
-        if self.log.unread_bytes > 0 or self._backlog > PACER_HIGH_WATER:
-            self._pressure()
-
-    def _pressure(self) -> None:
-        if (self.log.unread_bytes > LIVE_HIGH_WATER or self._backlog > PACER_HIGH_WATER) \
-                and not self._paused and self._chat is not None:
+        if ((self.log.unread_bytes > LIVE_HIGH_WATER or self._backlog > PACER_HIGH_WATER)
+                and not self._paused and self._chat is not None):
             self._paused = True
             self._chat.pause()
 

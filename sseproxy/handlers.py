@@ -18,6 +18,7 @@ import socket
 import time
 import uuid
 from dataclasses import dataclass
+from collections.abc import Callable
 from typing import Any
 
 import structlog
@@ -226,6 +227,25 @@ class StreamingHandler(BaseHandler):
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 
+    def accept(self, parse: Callable[[], validate.ChatRequest], *, too_large: bool = False
+               ) -> validate.ChatRequest | None:
+        """Validate (``400``/``413``) and admit (``429``/``503``) a request that starts a
+        stream; when it is refused, answer and return None."""
+        try:
+            if too_large:
+                limit = self.cfg.limits.max_body_bytes
+                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
+            req = parse()
+        except errors.RequestError as exc:
+            self.rejected(exc)
+            self.send_error_object(exc)
+            return None
+        refusal = self.admit()
+        if refusal is not None:
+            self.send_error_object(refusal)
+            return None
+        return req
+
     def admit(self) -> errors.SSEProxyError | None:
         """Why a new stream cannot start now (counted as rejected), or None."""
         try:
@@ -345,18 +365,9 @@ class ChatCompletionsHandler(StreamingHandler):
         self._stop_body_timer()
         if self._finished:  # answered while the body arrived (408)
             return
-        limit = self.cfg.limits.max_body_bytes
-        try:
-            if self._too_large:
-                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
-            req = validate.chat_completion(bytes(self._body), self.cfg)
-        except errors.RequestError as exc:
-            self.rejected(exc)
-            self.send_error_object(exc)
-            return
-        refusal = self.admit()
-        if refusal is not None:
-            self.send_error_object(refusal)
+        req = self.accept(lambda: validate.chat_completion(bytes(self._body), self.cfg),
+                          too_large=self._too_large)
+        if req is None:
             return
         stream_id = new_stream_id()
         generation = self.new_generation(req, stream_id, retained=False)
@@ -480,18 +491,9 @@ class StreamsHandler(StreamingHandler):
 
     async def post(self) -> None:
         body = self.request.body
-        limit = self.cfg.limits.max_body_bytes
-        try:
-            if len(body) > limit:
-                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
-            req = validate.stream_start(body, self.cfg)
-        except errors.RequestError as exc:
-            self.rejected(exc)
-            self.send_error_object(exc)
-            return
-        refusal = self.admit()
-        if refusal is not None:
-            self.send_error_object(refusal)
+        req = self.accept(lambda: validate.stream_start(body, self.cfg),
+                          too_large=len(body) > self.cfg.limits.max_body_bytes)
+        if req is None:
             return
         stream_id = new_stream_id()
         self.new_generation(req, stream_id, retained=True)
