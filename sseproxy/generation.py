@@ -40,6 +40,8 @@ log = structlog.get_logger("sseproxy.generation")
 PACER_HIGH_WATER = 256 * 1024
 #: … and resumed.
 PACER_LOW_WATER = 64 * 1024
+#: A pacing timer that fires this close to a piece's due time releases it.
+_TIMER_SLACK_S = 0.0005
 #: How long a cancelled upstream request gets to close its response.
 CLOSE_TIMEOUT_S = 2.0
 
@@ -196,12 +198,12 @@ class Generation:
         if self._paused:
             self.on_space()
         due = pacer.next_due()
-        timer = self._timer
         if due is None:
-            if timer is not None:
-                timer.cancel()
-                self._timer = None
-        elif timer is None or abs(timer.when() - due) > 1e-6:
+            return  # a timer still armed fires, finds nothing due and stops
+        timer = self._timer
+        # One timer, moved lazily: re-armed only when the next piece is due earlier than it
+        # fires (a later due time is picked up when it fires), not on every delta.
+        if timer is None or timer.when() > due + _TIMER_SLACK_S:
             if timer is not None:
                 timer.cancel()
             self._timer = self._loop.call_at(due, self._on_timer)
@@ -209,7 +211,7 @@ class Generation:
     def _on_timer(self) -> None:
         self._timer = None
         try:
-            self._release(self._loop.time())
+            self._release(self._loop.time() + _TIMER_SLACK_S)
         except errors.LogFull as exc:
             self.stop(outcome_of(exc), exc)
 
