@@ -16,7 +16,7 @@ import re
 import secrets
 import time
 import uuid
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -155,8 +155,11 @@ class StreamingHandler(BaseHandler):
             fields["prompt"] = req.messages[-1].get("content")
         record = StreamRecord(self.deps.metrics, stream_id, self.endpoint, fields)
         log_ = self.deps.store.create(stream_id, retained=retained)
+        settings = self.cfg
+        if req.pacing_off:
+            settings = replace(settings, pacing=replace(settings.pacing, mode="off"))
         generation = Generation(self.deps.upstream, req.upstream_body(), log=log_,
-                                record=record, settings=self.cfg,
+                                record=record, settings=settings,
                                 request_id=self.request_id)
         self.generation = generation
         self.deps.registry.add(generation)
