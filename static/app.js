@@ -10,7 +10,8 @@
   const HISTORY_KEY = 'sseproxy.chat.v1';
   const PERSONA_KEY = 'sseproxy.persona';
   const COMPARE_MODEL = 'mock?tokens=400&rate=50&burst=1536';
-  const BURST_CHARS = 256;          // one event carrying more than this is a burst
+  const STEP_MS = 50;               // what arrives within this window is one step
+  const BURST_CHARS = 256;          // a step larger than this is a burst
   const $ = (sel, root = document) => root.querySelector(sel);
 
   // --- markdown, sanitized -------------------------------------------------------------
@@ -111,7 +112,12 @@
         this.tLast = now;
         this.arrivals.push([now - this.t0, piece.length]);
         this.events += 1;
-        this.maxStep = Math.max(this.maxStep, piece.length);
+        if (this.stepStart === undefined || now - this.stepStart > STEP_MS) {
+          this.stepStart = now;
+          this.step = 0;
+        }
+        this.step += piece.length;
+        this.maxStep = Math.max(this.maxStep, this.step);
         this.text += piece;
         this.view.text(this.text);
       };
@@ -179,8 +185,8 @@
     if (f.tps !== null) parts.push(`${f.tps.toFixed(0)} tokens/s`);
     if (f.events) {
       parts.push(f.maxStep > BURST_CHARS
-        ? `burst: ${f.maxStep.toLocaleString()} characters at once`
-        : `smooth: at most ${f.maxStep} characters per step`);
+        ? `burst: ${f.maxStep.toLocaleString()} characters within ${STEP_MS} ms`
+        : `smooth: at most ${f.maxStep} characters per ${STEP_MS} ms`);
     }
     if (f.maxGap >= 1000) parts.push(`longest silence ${(f.maxGap / 1000).toFixed(1)} s`);
     return parts.join(' · ');
