@@ -11,7 +11,7 @@
   const PERSONA_KEY = 'sseproxy.persona';
   const COMPARE_MODEL = 'mock?tokens=400&rate=50&burst=1536';
   const STEP_MS = 50;               // what arrives within this window is one step
-  const BURST_CHARS = 256;          // a step larger than this is a burst
+  const BURST_CHARS = 512;          // a step larger than this is a burst
   const $ = (sel, root = document) => root.querySelector(sel);
 
   // --- markdown, sanitized -------------------------------------------------------------
