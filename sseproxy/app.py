@@ -88,6 +88,10 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (rf"/v1/streams/{stream_id}", handlers.StreamHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
+        # The chat page and its assets (deploy/nginx.conf serves the same paths itself).
+        (r"/()", tornado.web.StaticFileHandler,
+         {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
     ]
     if not settings.metrics.port:
         routes.append((r"/metrics", handlers.MetricsHandler, route))

@@ -17,8 +17,8 @@ import secrets
 import socket
 import time
 import uuid
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass, replace
 from typing import Any
 
 import structlog
@@ -172,8 +172,11 @@ class StreamingHandler(BaseHandler):
             fields["prompt"] = req.messages[-1].get("content")
         record = StreamRecord(self.deps.metrics, stream_id, self.endpoint, fields)
         log_ = self.deps.store.create(stream_id, retained=retained)
+        settings = self.cfg
+        if req.pacing_off:
+            settings = replace(settings, pacing=replace(settings.pacing, mode="off"))
         generation = Generation(self.deps.upstream, req.upstream_body(), log=log_,
-                                record=record, settings=self.cfg,
+                                record=record, settings=settings,
                                 request_id=self.request_id)
         self.generation = generation
         self.deps.registry.add(generation)

@@ -96,6 +96,8 @@ class ChatRequest:
     include_usage: bool = False
     params: dict[str, Any] = field(default_factory=dict)
     prompt_chars: int = 0
+    #: ``"pacing": "off"`` in a ``POST /v1/streams`` body: this stream is relayed unpaced.
+    pacing_off: bool = False
 
     def upstream_body(self) -> dict[str, Any]:
         return {"model": self.model, "messages": self.messages, **self.params}
@@ -286,11 +288,18 @@ def stream_query(args: Mapping[str, str], settings: Settings) -> ChatRequest:
 
 def stream_start(body: bytes, settings: Settings) -> ChatRequest:
     """Validate a ``POST /v1/streams`` body: ``messages``, optional ``persona`` and ``model``,
-    and the parameters the chat endpoint relays (the reply is always streamed)."""
+    and the parameters the chat endpoint relays (the reply is always streamed).
+
+    ``"pacing": "off"`` relays this one stream unpaced (the chat page's comparison view);
+    a client may only switch pacing off, never on or retuned."""
     obj = parse_json(body)
+    pacing = obj.pop("pacing", None)
+    if pacing is not None and pacing != "off":
+        raise errors.RequestError(
+            "'pacing' must be \"off\" (leave it out for the server's pacing)")
     if obj.get("stream") is False:
         raise errors.RequestError("'stream' must be true here (a stream is always streamed)")
     obj.pop("stream", None)
     obj.pop("stream_options", None)
     req = chat_completion(json.dumps(obj).encode(), settings)
-    return dataclasses.replace(req, stream=True, include_usage=True)
+    return dataclasses.replace(req, stream=True, include_usage=True, pacing_off=pacing == "off")

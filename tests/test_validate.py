@@ -140,3 +140,16 @@ def test_stream_query() -> None:
 def test_invalid_stream_queries(args: dict[str, str], needle: str) -> None:
     with pytest.raises(errors.RequestError, match=needle):
         validate.stream_query(args, SETTINGS)
+
+
+# Issue 15: the chat page's comparison view asks for one stream without pacing.
+def test_stream_start_may_switch_pacing_off_and_nothing_else() -> None:
+    assert validate.stream_start(body(), SETTINGS).pacing_off is False
+    req = validate.stream_start(body(pacing="off"), SETTINGS)
+    assert req.pacing_off is True
+    assert "pacing" not in req.upstream_body()
+    for bad in ("smooth", "", True, 0):
+        with pytest.raises(errors.RequestError, match="'pacing' must be \"off\""):
+            validate.stream_start(body(pacing=bad), SETTINGS)
+    with pytest.raises(errors.RequestError):  # the OpenAI endpoint has no such parameter
+        validate.chat_completion(body(pacing="off"), SETTINGS)

@@ -1,0 +1,355 @@
+"""The chat page in a real browser (issue 15): Debian's Chromium driven by Playwright,
+against a real sseproxy and the simulator on 127.0.0.1.
+
+sseproxy runs in the test's event loop (``servers.running``); the browser runs in a worker
+thread with Playwright's sync API while the test awaits it, so the servers keep serving.
+Every test fails if the page sends a request anywhere but 127.0.0.1, opens a dialog or
+throws. Screenshots at desktop and phone widths go to the test's ``tmp_path``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+from urllib.parse import quote, urlsplit
+
+import httpx
+import pytest
+from servers import running
+
+from sseproxy.mockupstream import Scenario, make_tokens
+
+sync_api = pytest.importorskip("playwright.sync_api")
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+        "--disable-background-networking", "--disable-component-update", "--disable-sync"]
+DESKTOP = {"width": 1280, "height": 800}
+PHONE = {"width": 390, "height": 844}
+AXE = Path(__file__).parent / "vendor" / "axe.min.js"
+WAIT_MS = 20_000
+ANSWER = ".msg.assistant:last-child"
+
+pytestmark = pytest.mark.skipif(not os.path.exists(CHROMIUM),
+                                reason="needs Debian's chromium package")
+
+T = TypeVar("T")
+
+
+@dataclass
+class Seen:
+    """What the page did besides what a test asks it."""
+
+    foreign: list[str] = field(default_factory=list)   # requests not to 127.0.0.1
+    dialogs: list[str] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    posts: list[Any] = field(default_factory=list)     # bodies of POST /v1/streams
+
+
+@contextmanager
+def browser_page(**context: Any) -> Iterator[tuple[Any, Seen]]:
+    seen = Seen()
+    with sync_api.sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, headless=True, args=ARGS)
+        try:
+            ctx = browser.new_context(viewport=DESKTOP, **context)
+            page = ctx.new_page()
+            page.set_default_timeout(WAIT_MS)
+
+            def on_request(request: Any) -> None:
+                url = urlsplit(request.url)
+                if url.scheme != "data" and url.hostname != "127.0.0.1":
+                    seen.foreign.append(request.url)
+                if request.method == "POST" and url.path == "/v1/streams":
+                    seen.posts.append(json.loads(request.post_data or "null"))
+
+            def on_dialog(dialog: Any) -> None:
+                seen.dialogs.append(dialog.message)
+                dialog.dismiss()
+
+            page.on("request", on_request)
+            page.on("dialog", on_dialog)
+            page.on("pageerror", lambda exc: seen.errors.append(str(exc)))
+            yield page, seen
+        finally:
+            browser.close()
+    assert seen.foreign == [], "requests left 127.0.0.1"
+    assert seen.dialogs == [], "a dialog opened"
+    assert seen.errors == [], "the page threw"
+
+
+async def in_browser(fn: Callable[[], T]) -> T:
+    """Run ``fn`` (which drives a browser) in a thread while this loop serves."""
+    return await asyncio.to_thread(fn)
+
+
+def send(page: Any, text: str) -> None:
+    page.fill("#prompt", text)
+    page.press("#prompt", "Enter")
+
+
+def answer_state(page: Any) -> str:
+    return str(page.get_attribute(ANSWER, "data-state"))
+
+
+def wait_state(page: Any, state: str) -> None:
+    page.wait_for_function(
+        "s => document.querySelector('.msg.assistant:last-child')?.dataset.state === s", arg=state)
+
+
+def answer_text(page: Any) -> str:
+    return str(page.inner_text(f"{ANSWER} .body"))
+
+
+def history(page: Any) -> list[dict[str, Any]]:
+    return list(page.evaluate("JSON.parse(localStorage.getItem('sseproxy.chat.v1'))"))
+
+
+def screenshots(page: Any, tmp_path: Path, name: str) -> None:
+    for label, size in (("desktop", DESKTOP), ("phone", PHONE)):
+        page.set_viewport_size(size)
+        page.screenshot(path=str(tmp_path / f"{name}-{label}.png"), full_page=True)
+    page.set_viewport_size(DESKTOP)
+
+
+def mock_stats(mock_url: str) -> dict[str, int]:
+    return dict(httpx.get(mock_url + "/mock/stats").json())
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+async def test_answer_grows_while_streaming_and_ends_exact_then_a_second_turn_sends_history(
+    io_loop: Any, tmp_path: Path,
+) -> None:
+    scenario = Scenario(tokens=80, rate=20)
+    expected = "".join(make_tokens(scenario))
+    async with running(scenario) as r:
+        def drive() -> tuple[str, str, Seen]:
+            with browser_page() as (page, seen):
+                page.goto(r.url + "/")
+                page.wait_for_function("document.querySelectorAll('#persona option').length > 1")
+                send(page, "Hello")
+                # Each snapshot is taken in one evaluation with the check that the stream
+                # is still running, so it cannot be the finished answer.
+                snapshot = (
+                    "n => { const a = document.querySelector('.msg.assistant:last-child');"
+                    " const t = a && a.querySelector('.body').textContent.trim();"
+                    " return a && a.dataset.state === 'streaming' && t.length > n && t }")
+                first = str(page.wait_for_function(snapshot, arg=0).json_value())
+                second = str(page.wait_for_function(snapshot, arg=len(first)).json_value())
+                wait_state(page, "done")
+                assert one_line(answer_text(page)) == one_line(expected)
+                assert history(page)[-1]["content"] == expected
+                assert "first token" in page.inner_text(f"{ANSWER} .meta")
+                screenshots(page, tmp_path, "chat")
+                page.keyboard.press("Shift+Enter")  # focus is on the prompt: a new line only
+                send(page, "And again")
+                wait_state(page, "done")
+                return first, second, seen
+        first, second, seen = await in_browser(drive)
+    assert 0 < len(first) < len(second) < len(expected)
+    assert expected.startswith(first) and expected.startswith(second)
+    assert [m["role"] for m in seen.posts[1]["messages"]] == ["user", "assistant", "user"]
+    assert seen.posts[1]["messages"][1]["content"] == expected
+    assert (tmp_path / "chat-phone.png").stat().st_size > 0
+
+
+async def test_stop_cancels_the_upstream_request(io_loop: Any) -> None:
+    async with running(Scenario(tokens=400, rate=10)) as r:
+        def drive() -> dict[str, int]:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/")
+                send(page, "Tell me everything")
+                page.wait_for_function(
+                    "() => document.querySelector('.msg.assistant .body')?.textContent.length > 0")
+                page.click("#stop")
+                wait_state(page, "stopped")
+                assert page.is_visible("#send")
+                for _ in range(250):
+                    stats = mock_stats(r.mock_url)
+                    if stats["cancelled"] == 1:
+                        return stats
+                    page.wait_for_timeout(20)  # polling the simulator with a deadline
+                raise AssertionError(f"the upstream request was not cancelled: {stats}")
+        stats = await in_browser(drive)
+    assert stats["open"] == 0 and stats["completed"] == 0
+
+
+async def test_an_upstream_error_shows_its_message_and_a_retry_button(io_loop: Any) -> None:
+    scenario = Scenario(tokens=20, rate=50, error_at=5,
+                        error_message="the model is on a coffee break")
+    async with running(scenario) as r:
+        def drive() -> str:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/")
+                send(page, "Hi")
+                wait_state(page, "error")
+                assert page.is_visible(f"{ANSWER} .retry")
+                return str(page.inner_text(f"{ANSWER} .state"))
+        state = await in_browser(drive)
+    assert "the model is on a coffee break" in state
+
+
+HOSTILE = ("Look <img src=x onerror=alert(1)> and <script>alert(2)</script> and "
+           "[click](javascript:alert(3)) and <a href=\"javascript:alert(4)\">here</a> "
+           "and [docs](https://example.com/docs) end")
+
+
+async def test_a_hostile_answer_is_shown_inert(io_loop: Any) -> None:
+    # The simulator echoes the prompt: the model "writes" HTML, scripts and javascript: links.
+    scenario = Scenario(text="echo", tokens=len(HOSTILE.split()), rate=40)
+    assert "".join(make_tokens(scenario, HOSTILE)) == HOSTILE
+    async with running(scenario) as r:
+        def drive() -> dict[str, Any]:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/")
+                send(page, HOSTILE)
+                wait_state(page, "done")
+                return dict(page.evaluate(
+                    """() => { const b = document.querySelector('.msg.assistant .body');
+                    return { imgs: document.querySelectorAll('img').length,
+                      scripts: b.querySelectorAll('script').length,
+                      hrefs: [...b.querySelectorAll('a[href]')].map(a =>
+                        [a.getAttribute('href'), a.rel, a.target]),
+                      handlers: [...b.querySelectorAll('*')].flatMap(e =>
+                        [...e.attributes].map(x => x.name)).filter(n => n.startsWith('on')),
+                      text: b.textContent }; }"""))
+        got = await in_browser(drive)
+    assert got["imgs"] == 0 and got["scripts"] == 0 and got["handlers"] == []
+    assert got["hrefs"] == [["https://example.com/docs", "noopener noreferrer", "_blank"]]
+    assert "<img src=x onerror=alert(1)>" in got["text"]  # shown as text, not run
+
+
+class CuttableProxy:
+    """A TCP proxy between the browser and sseproxy whose connections can all be cut."""
+
+    def __init__(self, target_port: int) -> None:
+        self.target_port = target_port
+        self.writers: set[asyncio.StreamWriter] = set()
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        up_reader, up_writer = await asyncio.open_connection("127.0.0.1", self.target_port)
+        self.writers |= {writer, up_writer}
+
+        async def pipe(src: asyncio.StreamReader, dst: asyncio.StreamWriter) -> None:
+            try:
+                while data := await src.read(65536):
+                    dst.write(data)
+                    await dst.drain()
+            except (ConnectionError, OSError):
+                pass
+            finally:
+                dst.close()
+
+        await asyncio.gather(pipe(reader, up_writer), pipe(up_reader, writer))
+        self.writers -= {writer, up_writer}
+
+    def cut(self) -> None:
+        for writer in list(self.writers):
+            writer.transport.abort()
+
+    async def close(self) -> None:
+        self.cut()
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+async def test_a_cut_connection_shows_reconnecting_then_the_rest_exactly_once(
+    io_loop: Any,
+) -> None:
+    scenario = Scenario(tokens=80, rate=20)
+    expected = "".join(make_tokens(scenario))
+    async with running(scenario, server__retry_ms=1500) as r:
+        proxy = CuttableProxy(int(r.url.rsplit(":", 1)[1]))
+        await proxy.start()
+        loop = asyncio.get_running_loop()
+        try:
+            def drive() -> tuple[str, str]:
+                with browser_page() as (page, _seen):
+                    page.goto(f"http://127.0.0.1:{proxy.port}/")
+                    send(page, "Hello")
+                    page.wait_for_function(
+                        "() => document.querySelector('.msg.assistant .body')"
+                        "?.textContent.length > 20")
+                    loop.call_soon_threadsafe(proxy.cut)
+                    wait_state(page, "reconnecting")
+                    shown = str(page.inner_text(f"{ANSWER} .state"))
+                    wait_state(page, "done")
+                    return shown, answer_text(page)
+            shown, text = await in_browser(drive)
+        finally:
+            await proxy.close()
+    assert "Reconnecting" in shown
+    assert one_line(text) == one_line(expected)
+    assert [m.samples[0].value for m in r.deps.metrics.resumes.collect()] == [1]
+
+
+async def test_comparison_view_shows_the_burst_unpaced_and_smoothed_paced(
+    io_loop: Any, tmp_path: Path,
+) -> None:
+    scenario = Scenario(tokens=150, rate=100, burst=600)
+    expected = "".join(make_tokens(scenario))
+    async with running(pacing__mode="smooth") as r:
+        def drive() -> dict[str, str]:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/?compare&model=" + quote(scenario.to_model()))
+                send(page, "Tell me a story")
+                for pacing in ("off", "on"):
+                    page.wait_for_function(
+                        "p => document.querySelector(`.pane[data-pacing=${p}]`)"
+                        "?.dataset.state === 'done'", arg=pacing)
+                screenshots(page, tmp_path, "compare")
+                return {p: page.inner_text(f".pane[data-pacing={p}] .meta")
+                        + "\n" + page.inner_text(f".pane[data-pacing={p}] .body")
+                        for p in ("off", "on")}
+        got = await in_browser(drive)
+    for pacing in ("off", "on"):
+        assert one_line(got[pacing].split("\n", 1)[1]) == one_line(expected)
+    assert "burst:" in got["off"].split("\n")[0]
+    assert "smooth:" in got["on"].split("\n")[0]
+
+
+def axe_violations(page: Any) -> list[dict[str, Any]]:
+    page.add_script_tag(path=str(AXE))
+    result = page.evaluate("axe.run(document, {resultTypes: ['violations']})")
+    return [{"id": v["id"], "impact": v["impact"], "nodes": [n["html"] for n in v["nodes"]]}
+            for v in result["violations"] if v["impact"] in ("serious", "critical")]
+
+
+@pytest.mark.parametrize("scheme", ["light", "dark"])
+async def test_accessibility_has_no_serious_or_critical_violations(
+    io_loop: Any, scheme: str,
+) -> None:
+    scenario = Scenario(tokens=30, rate=100)
+    async with running(scenario) as r:
+        def drive() -> dict[str, Any]:
+            # axe is injected as an inline script, which the page's CSP would refuse.
+            with browser_page(bypass_csp=True, color_scheme=scheme) as (page, _seen):
+                page.goto(r.url + "/")
+                send(page, "Hi")
+                wait_state(page, "done")
+                found = {"chat": axe_violations(page)}
+                page.goto(r.url + "/?compare&model=" + quote(scenario.to_model()))
+                send(page, "Hi")
+                page.wait_for_function(
+                    "[...document.querySelectorAll('.pane')]"
+                    ".every(p => p.dataset.state === 'done')")
+                found["compare"] = axe_violations(page)
+                return found
+        found = await in_browser(drive)
+    assert found == {"chat": [], "compare": []}
