@@ -13,7 +13,7 @@ next frame waits behind it, so the order holds. This fast path is the one place 
 sseproxy looks under Tornado's request handler (only public ``HTTP1Connection.stream``
 and ``IOStream`` calls): it saves two futures and two system calls per frame, about a
 tenth of the CPU per token (docs/benchmarks.md). It is tested against the Tornado versions
-in ``pyproject.toml`` (tests/test_sink.py), and turned off where it cannot apply (TLS, or
+in ``pyproject.toml`` (tests/test_sink.py, which also checks that frames really take it), and turned off where it cannot apply (TLS, or
 any connection that is not a plain HTTP/1.1 one): those frames all go through Tornado.
 """
 
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import tornado.web
 from tornado.http1connection import HTTP1Connection
-from tornado.iostream import IOStream, StreamClosedError
+from tornado.iostream import IOStream, SSLIOStream, StreamClosedError
 
 
 class ClientGone(Exception):
@@ -44,7 +44,8 @@ class ConnectionSink:
         request = handler.request
         conn = request.connection
         self._chunked = request.version == "HTTP/1.1"
-        if isinstance(conn, HTTP1Connection) and type(conn.stream) is IOStream:
+        if (isinstance(conn, HTTP1Connection) and isinstance(conn.stream, IOStream)
+                and not isinstance(conn.stream, SSLIOStream)):
             self._stream: IOStream | None = conn.stream
         else:
             self._stream = None
