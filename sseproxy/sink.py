@@ -12,9 +12,10 @@ does not take at once goes through the stream's write buffer (``IOStream.write``
 next frame waits behind it, so the order holds. This fast path is the one place where
 sseproxy looks under Tornado's request handler (only public ``HTTP1Connection.stream``
 and ``IOStream`` calls): it saves two futures and two system calls per frame, about a
-tenth of the CPU per token (docs/benchmarks.md). It is tested against the Tornado versions
-in ``pyproject.toml`` (tests/test_sink.py, which also checks that frames really take it), and turned off where it cannot apply (TLS, or
-any connection that is not a plain HTTP/1.1 one): those frames all go through Tornado.
+tenth of the CPU per token (docs/benchmarks.md). It is pinned to the Tornado versions in
+``pyproject.toml`` by tests/test_sink.py, which also checks that frames really take it, and
+it is off where it cannot apply (TLS, or a connection that is not plain HTTP/1.1): those
+frames all go through Tornado.
 """
 
 from __future__ import annotations
