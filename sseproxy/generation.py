@@ -47,7 +47,14 @@ CLOSE_TIMEOUT_S = 2.0
 
 
 class Generation:
-    """One upstream generation appending to one log."""
+    """One upstream generation appending to one log (one task, ``_drive``)."""
+
+    __slots__ = (
+        "upstream", "body", "log", "record", "settings", "stream_id", "request_id", "_loop",
+        "_pacer", "_paced", "upstream_watch", "_chat", "_usage", "_finish", "_accepted",
+        "_open_error", "_task", "_running", "_upstream_done", "_timer", "_backlog", "_paused",
+        "_stop_reason", "_halt", "_ended", "on_end", "orphan_since",
+    )
 
     def __init__(
         self,
@@ -75,19 +82,21 @@ class Generation:
         self._chat: ChatStream | None = None
         self._usage: Mapping[str, Any] | None = None
         self._finish: str | None = None
-        self._accepted = asyncio.Event()
+        #: Resolved once the upstream accepted the request or failed to.
+        self._accepted: asyncio.Future[None] = self._loop.create_future()
         self._open_error: errors.SSEProxyError | None = None
         self._task: asyncio.Task[None] | None = None
-        self._pump_task: asyncio.Task[None] | None = None
+        self._running = False  # the task has begun (a cancel now reaches its try blocks)
+        self._upstream_done = False  # the upstream request is over: nothing to cancel
         self._timer: asyncio.TimerHandle | None = None
         self._backlog = 0
         self._paused = False
         self._stop_reason: tuple[Outcome, errors.SSEProxyError | None] | None = None
         #: Set when the rest of the text is not worth draining (the readers are gone, or
         #: the stream was cancelled); a shutdown still drains within ``pacing.drain_s``.
-        self._halt = asyncio.Event()
-        #: Set once the final event is in the log.
-        self.ended = asyncio.Event()
+        self._halt: asyncio.Future[None] = self._loop.create_future()
+        #: Resolved once the final event is in the log.
+        self._ended: asyncio.Future[None] = self._loop.create_future()
         #: Called once, after the final event (the registry frees the stream's slot).
         self.on_end: Callable[[Generation], None] | None = None
         #: Loop time since when nobody follows the stream (the registry's orphan grace).
@@ -107,25 +116,35 @@ class Generation:
     async def accepted(self) -> None:
         """Wait until the upstream accepted the request; raise its error if it did not."""
         self.start()
-        await self._accepted.wait()
+        await asyncio.shield(self._accepted)
         if self._open_error is not None:
             raise self._open_error
 
     def stop(self, outcome: Outcome, error: errors.SSEProxyError | None = None) -> None:
         """Cancel the upstream request; ``error`` (if any) becomes the final event after what
         was received has been drained. The first reason wins."""
-        if self._stop_reason is None and not self.ended.is_set():
+        if self._stop_reason is None and not self._ended.done():
             self._stop_reason = (outcome, error)
             self.record.finished(outcome, error)
             if outcome is not Outcome.CANCELLED or isinstance(error, errors.StreamCancelled):
-                self._halt.set()  # nobody will read the rest: do not drain it
-        self._cancel_pump()
+                _resolve(self._halt)  # nobody will read the rest: do not drain it
+        self._cancel_upstream()
 
-    def _cancel_pump(self) -> None:
-        """Cancel the pump once: a second cancel would interrupt its clean-up (closing the
-        upstream response) half-way."""
-        task = self._pump_task
-        if task is not None and not task.done() and not task.cancelling():
+    @property
+    def ended(self) -> bool:
+        """The final event is in the log."""
+        return self._ended.done()
+
+    async def wait_ended(self) -> None:
+        await asyncio.shield(self._ended)
+
+    def _cancel_upstream(self) -> None:
+        """Cancel the upstream request, once: a second cancel would interrupt its clean-up
+        (closing the upstream response) half-way. A task that has not begun yet sees the
+        stop reason when it does."""
+        task = self._task
+        if (task is not None and self._running and not self._upstream_done
+                and not task.done() and not task.cancelling()):
             task.cancel()
             self.record.upstream_cancelled()
 
@@ -147,7 +166,7 @@ class Generation:
             raise
         self.record.upstream_answered(chat.status, None)
         async with chat:
-            self._accepted.set()
+            _resolve(self._accepted)
             await chat.run(self._on_delta)
 
     def _on_delta(self, delta: Delta) -> None:
@@ -218,26 +237,31 @@ class Generation:
     # -- the driver --------------------------------------------------------------------
 
     async def _drive(self) -> None:
+        self._running = True
         final: errors.SSEProxyError | None = None
         try:
-            self._pump_task = pump = asyncio.create_task(
-                self._pump(), name=f"upstream-{self.stream_id}")
-            if self._stop_reason is not None:
-                self._cancel_pump()
-            await asyncio.wait([pump])
-            self.record.upstream_closed()
-            if pump.cancelled():
+            try:
+                if self._stop_reason is None:
+                    await self._pump()
+                else:
+                    raise asyncio.CancelledError  # stopped before it began
+            except asyncio.CancelledError:
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()  # the stop was ours: go on to drain and end the log
                 reason = self._stop_reason[1] if self._stop_reason else None
                 final = reason or errors.StreamCancelled()
-            elif isinstance(pump.exception(), errors.SSEProxyError):
-                final = pump.exception()  # type: ignore[assignment]
-            elif pump.exception() is not None:
-                log.error("generation_internal_error", stream_id=self.stream_id,
-                          exc_info=pump.exception())
+            except errors.SSEProxyError as exc:
+                final = exc
+            except Exception:
+                log.exception("generation_internal_error", stream_id=self.stream_id)
                 final = errors.SSEProxyError("sseproxy failed while relaying this reply")
-            if not self._accepted.is_set():
+            finally:
+                self._upstream_done = True
+            self.record.upstream_closed()
+            if not self._accepted.done():
                 self._open_error = final or errors.IncompleteStream("the upstream ended early")
-                self._accepted.set()
+                _resolve(self._accepted)
             self.upstream_watch.end()
             await self._drain()
             self._append_final(final)
@@ -249,9 +273,9 @@ class Generation:
                 self._timer.cancel()
                 self._timer = None
             self.upstream_watch.end()
-            self._accepted.set()
+            _resolve(self._accepted)
             self.log.end()
-            self.ended.set()
+            _resolve(self._ended)
             if self.on_end is not None:
                 self.on_end(self)
 
@@ -259,14 +283,14 @@ class Generation:
         """Release what the pacer holds, on its schedule (within ``pacing.drain_s``)."""
         pacer = self._pacer
         pacer.finish(self._loop.time())
-        while pacer.pending and not self._halt.is_set():
+        while pacer.pending and not self._halt.done():
             due = pacer.next_due()
             if due is None:
                 break
             delay = due - self._loop.time()
             if delay > 0:
                 try:
-                    await asyncio.wait_for(self._halt.wait(), delay)
+                    await asyncio.wait_for(asyncio.shield(self._halt), delay)
                 except TimeoutError:
                     pass
             try:
@@ -288,3 +312,8 @@ class Generation:
             data = dumps(error_object(error))
             kind = ERROR
         self.log.append(kind, data)  # a final event is never refused (see EventLog.append)
+
+
+def _resolve(future: asyncio.Future[None]) -> None:
+    if not future.done():
+        future.set_result(None)

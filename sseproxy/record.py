@@ -105,6 +105,35 @@ def _p99(values: list[float]) -> float | None:
 class StreamRecord:
     """The bookkeeping of one stream, closed once."""
 
+    __slots__ = (
+        "late",
+        "metrics",
+        "stream_id",
+        "endpoint",
+        "fields",
+        "started",
+        "ttft_s",
+        "events",
+        "bytes",
+        "heartbeats",
+        "max_gap_s",
+        "lags",
+        "stalls",
+        "subscribers",
+        "resumes",
+        "outcome",
+        "error",
+        "finish_reason",
+        "usage",
+        "upstream_status",
+        "client_left_at",
+        "upstream_cancelled_at",
+        "upstream_closed_at",
+        "closed",
+        "_last_event_at",
+        "tally",
+    )
+
     def __init__(self, metrics: Metrics, stream_id: str, endpoint: str,
                  fields: Mapping[str, Any] | None = None, *, late: bool = False) -> None:
         """``late``: the record of a subscriber that came after the stream's own record was

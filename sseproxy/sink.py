@@ -35,6 +35,16 @@ class ClientGone(Exception):
 class ConnectionSink:
     """Writes one streaming response; see the module docstring."""
 
+    __slots__ = (
+        "_handler",
+        "closed",
+        "_gone",
+        "_raw",
+        "_headers_out",
+        "_chunked",
+        "_stream",
+    )
+
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
         self._handler = handler
         self.closed = False

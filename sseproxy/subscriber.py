@@ -49,6 +49,22 @@ class Ended(enum.StrEnum):
 class Subscriber:
     """One connection following one log; see the module docstring."""
 
+    __slots__ = (
+        "log",
+        "frames",
+        "sink",
+        "record",
+        "heartbeat_s",
+        "client_timeout_s",
+        "_loop",
+        "follower",
+        "replayed",
+        "watch",
+        "ended",
+        "_role_sent",
+        "_texted",
+    )
+
     def __init__(
         self,
         log: EventLog,

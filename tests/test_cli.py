@@ -23,10 +23,26 @@ from sseproxy import sse
 from sseproxy.mockupstream import Scenario, make_tokens
 
 
-def free_port() -> int:
+def free_port(consecutive: int = 1) -> int:
+    """A port that is free now, with the ``consecutive - 1`` ports after it free too."""
+    for _ in range(200):  # bounded: a busy machine may hold the neighbours
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = int(s.getsockname()[1])
+        if port + consecutive - 1 > 65535:
+            continue
+        if all(_bindable(port + i) for i in range(1, consecutive)):
+            return port
+    raise AssertionError(f"no {consecutive} consecutive free ports")
+
+
+def _bindable(port: int) -> bool:
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def clean_env() -> dict[str, str]:

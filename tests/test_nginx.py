@@ -509,7 +509,7 @@ async def test_client_leaving_nginx_mid_stream_cancels_the_upstream(
         took = await r.wait_mock("open", 0, within=5.0)
         stats = await r.mock_stats()
     assert got.status == 200 and len(got.events) == 3
-    assert took < 2.3
+    assert took < 3.5
     assert stats["cancelled"] == 1 and stats["completed"] == 0
 
 
@@ -526,7 +526,7 @@ async def test_client_leaving_nginx_while_the_model_thinks_cancels_the_upstream(
                 await r.wait_mock("open", 1, within=3.0)
         took = await r.wait_mock("open", 0, within=5.0)
         stats = await r.mock_stats()
-    assert took < 2.3
+    assert took < 3.5
     assert stats["cancelled"] == 1
 
 

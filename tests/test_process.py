@@ -169,9 +169,9 @@ def test_a_second_sigterm_exits_at_once(tmp_path: Path) -> None:
 
 
 def test_two_workers_both_serve_and_their_metrics_add_up(tmp_path: Path) -> None:
-    port, metrics_port = free_port(), free_port()
-    while metrics_port + 1 == port:
-        metrics_port = free_port()
+    port, metrics_port = free_port(), free_port(consecutive=2)  # worker i: metrics_port + i
+    while port in (metrics_port, metrics_port + 1):
+        port = free_port()
     base = f"http://127.0.0.1:{port}"
     log = tmp_path / "serve.log"
     count = 40

@@ -98,6 +98,22 @@ class MemoryFollower:
 class MemoryLog:
     """One stream's events in this process."""
 
+    __slots__ = (
+        "store",
+        "stream_id",
+        "loop",
+        "retained",
+        "last",
+        "ended",
+        "role",
+        "_kept",
+        "_unread_events",
+        "_followers",
+        "on_space",
+        "bytes",
+        "_unread",
+    )
+
     def __init__(self, store: MemoryStore, stream_id: str, retained: bool) -> None:
         self.store = store
         self.stream_id = stream_id
