@@ -90,6 +90,8 @@ class Generation:
         self.on_end: Callable[[Generation], None] | None = None
         #: Loop time since when nobody follows the stream (the registry's orphan grace).
         self.orphan_since: float | None = None
+        #: Runs to its end whether anybody follows it or not (a background response).
+        self.detached = False
 
     @property
     def model(self) -> str | None:
