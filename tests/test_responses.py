@@ -346,3 +346,23 @@ async def test_a_resume_after_the_last_event_is_an_empty_stream(io_loop: Any) ->
         await client.close()
     assert tail.status_code == 200 and tail.content == b""
     assert whole[-1].type == "response.completed"
+
+
+async def test_metrics_count_responses_apart_from_chat_completions(io_loop: Any) -> None:
+    async with running(FAST) as r:
+        client = sdk(r)
+        await client.responses.create(model=FAST.to_model(), input="hi")
+        await client.chat.completions.create(
+            model=FAST.to_model(), messages=[{"role": "user", "content": "hi"}])
+        counter = r.deps.metrics.endpoint_streams
+
+        def counted(endpoint: str) -> float:
+            return counter.labels(endpoint, "completed")._value.get()  # type: ignore[no-any-return]
+        await eventually(lambda: counted("responses") == counted("chat_completions") == 1,
+                         what="one completed stream per endpoint")
+        body, _ = r.deps.metrics.exposition()
+        await client.close()
+    assert b'sseproxy_endpoint_streams_total{endpoint="responses",outcome="completed"} 1.0' \
+        in body
+    assert b'sseproxy_endpoint_streams_total{endpoint="chat_stream",outcome="completed"} 0.0' \
+        in body
