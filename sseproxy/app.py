@@ -22,7 +22,7 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 
-from . import config, handlers, httpserver, mockupstream
+from . import config, handlers, httpserver, mockupstream, responses_handlers
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
@@ -88,6 +88,7 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (rf"/v1/streams/{stream_id}", handlers.StreamHandler, route),
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
+        *responses_handlers.routes(route),
         # The chat page and its assets (deploy/nginx.conf serves the same paths itself).
         (r"/()", tornado.web.StaticFileHandler,
          {"path": STATIC_DIR, "default_filename": "index.html"}),

@@ -67,6 +67,10 @@ class UpstreamSettings:
     #: ``openai``: any OpenAI-compatible API; ``local`` is reserved for a bundled model.
     kind: str = field(default="mock", metadata=_choice("mock", "openai", "local"))
     base_url: str = ""
+    #: The API the upstream speaks: ``chat_completions`` (``{base_url}/chat/completions``;
+    #: sseproxy produces the Responses API's events itself). Relaying an upstream's own
+    #: ``/responses`` events is not built yet, so that is the one value.
+    api: str = field(default="chat_completions", metadata=_choice("chat_completions"))
     api_key_env: str = "OPENAI_API_KEY"
     model: str = "gpt-4o-mini"
     connect_timeout_s: float = field(default=10.0, metadata=_range(0.001, 600))

@@ -198,8 +198,9 @@ class StreamNotFound(SSEProxyError):
     code = "stream_not_found"
     type = "invalid_request_error"
 
-    def __init__(self) -> None:
-        super().__init__("no stream with this id (unknown, or expired after store.ttl_s)")
+    def __init__(self, message: str | None = None) -> None:
+        super().__init__(
+            message or "no stream with this id (unknown, or expired after store.ttl_s)")
 
 
 # --- the SSE codec ----------------------------------------------------------

@@ -53,7 +53,7 @@ class Generation:
         "upstream", "body", "log", "record", "settings", "stream_id", "request_id", "_loop",
         "_pacer", "_paced", "upstream_watch", "_chat", "_usage", "_finish", "_accepted",
         "_open_error", "_task", "_running", "_upstream_done", "_timer", "_backlog", "_paused",
-        "_stop_reason", "_halt", "_ended", "on_end", "orphan_since",
+        "_stop_reason", "_halt", "_ended", "on_end", "orphan_since", "detached",
     )
 
     def __init__(
@@ -101,6 +101,8 @@ class Generation:
         self.on_end: Callable[[Generation], None] | None = None
         #: Loop time since when nobody follows the stream (the registry's orphan grace).
         self.orphan_since: float | None = None
+        #: Runs to its end whether anybody follows it or not (a background response).
+        self.detached = False
 
     @property
     def model(self) -> str | None:

@@ -227,6 +227,7 @@ class StreamingHandler(BaseHandler):
         """A request refused before any upstream call: counted and logged as a stream
         with outcome ``rejected``, so the counter and the log lines agree."""
         self.deps.metrics.streams.labels(Outcome.REJECTED.value).inc()
+        self.deps.metrics.endpoint_streams.labels(self.endpoint, Outcome.REJECTED.value).inc()
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 

@@ -41,6 +41,8 @@ OUTCOMES = ("completed", "client_closed", "client_stalled", "abandoned", "upstre
             "upstream_timeout", "cancelled", "rejected", "internal_error")
 #: ``side`` of a stall: the model sent nothing, or the client (or a proxy) is not reading.
 SIDES = ("upstream", "client")
+#: The endpoints a stream starts from (the record's and the log line's ``endpoint``).
+ENDPOINTS = ("chat_completions", "chat_stream", "streams", "responses")
 #: ``status`` of an upstream request: the HTTP status class, or why there was none.
 UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout",
                      "protocol_error")
@@ -179,6 +181,9 @@ class Metrics:
             GCCollector(registry=r)
         Info("sseproxy_build", "sseproxy's version.", registry=r).info({"version": __version__})
 
+        self.endpoint_streams = Counter(
+            "sseproxy_endpoint_streams", "Streams that ended, by the endpoint that started "
+            "them and outcome.", ["endpoint", "outcome"], registry=r)
         self.streams_active = Gauge(
             "sseproxy_streams_active", "Streams being relayed now.", registry=r)
         self.streams = Counter(
@@ -232,6 +237,8 @@ class Metrics:
 
         for outcome in OUTCOMES:
             self.streams.labels(outcome)
+            for endpoint in ENDPOINTS:
+                self.endpoint_streams.labels(endpoint, outcome)
         for side in SIDES:
             self.stalls.labels(side)
             self.streams_stalled.labels(side)

@@ -257,6 +257,7 @@ class StreamRecord:
         outcome = self.outcome or Outcome.CANCELLED
         m.streams_active.dec()
         m.streams.labels(str(outcome)).inc()
+        m.endpoint_streams.labels(self.endpoint, str(outcome)).inc()
         m.stream_duration.observe(duration)
         usage = self.usage or {}
         p99 = _p99(self.lags)

@@ -140,7 +140,7 @@ class StreamRegistry:
             self._schedule()
 
     def _check_orphan(self, generation: Generation, now: float) -> None:
-        if not generation.log.retained or generation.log.subscribers:
+        if not generation.log.retained or generation.log.subscribers or generation.detached:
             generation.orphan_since = None
             return
         grace = generation.settings.store.orphan_grace_s

@@ -303,3 +303,136 @@ def stream_start(body: bytes, settings: Settings) -> ChatRequest:
     obj.pop("stream_options", None)
     req = chat_completion(json.dumps(obj).encode(), settings)
     return dataclasses.replace(req, stream=True, include_usage=True, pacing_off=pacing == "off")
+
+
+# --- POST /v1/responses -------------------------------------------------------------------
+
+#: Responses parameters relayed to a chat-completions upstream (renamed where needed).
+RESPONSES_PASSTHROUGH: dict[str, tuple[str, Any]] = {
+    "temperature": ("temperature", _number(0, 2)),
+    "top_p": ("top_p", _number(0, 1)),
+    "max_output_tokens": ("max_completion_tokens", _integer(1)),
+    "user": ("user", _typed(str)),
+    "metadata": ("metadata", _typed(dict)),
+}
+#: Responses parameters whose replies sseproxy cannot relay faithfully.
+RESPONSES_UNSUPPORTED = frozenset({
+    "tools", "tool_choice", "parallel_tool_calls", "max_tool_calls", "include",
+    "previous_response_id", "conversation", "prompt", "reasoning", "text", "truncation",
+    "top_logprobs", "service_tier", "prompt_cache_key", "safety_identifier",
+})
+RESPONSES_OWN = frozenset({"model", "input", "instructions", "stream", "stream_options",
+                           "store", "background", "persona"})
+_INPUT_PARTS = frozenset({"input_text", "output_text"})
+
+
+@dataclass(frozen=True)
+class ResponsesRequest:
+    """A validated ``POST /v1/responses`` body: the chat request it becomes upstream, and
+    what the response object echoes."""
+
+    chat: ChatRequest
+    stream: bool = False
+    background: bool = False
+    store: bool = True
+    include_obfuscation: bool = True
+    instructions: str | None = None
+    params: dict[str, Any] = field(default_factory=dict)
+
+
+def _input_text(item: dict[str, Any], where: str) -> str:
+    content = item.get("content")
+    if isinstance(content, str):
+        return content
+    if not isinstance(content, list):
+        raise errors.RequestError(f"'{where}.content' must be a string or a list of text parts")
+    texts = []
+    for i, part in enumerate(content):
+        kind = part.get("type") if isinstance(part, dict) else None
+        if kind not in _INPUT_PARTS:
+            raise errors.RequestError(
+                f"'{where}.content[{i}]': {kind or 'this part'} is not supported by sseproxy "
+                "(text only: input_text, output_text)")
+        text = part.get("text")
+        if not isinstance(text, str):
+            raise errors.RequestError(f"'{where}.content[{i}].text' must be a string")
+        texts.append(text)
+    return "".join(texts)
+
+
+def _input_messages(raw: Any) -> list[dict[str, Any]]:
+    if isinstance(raw, str):
+        return [{"role": "user", "content": raw}]
+    if not isinstance(raw, list) or not raw:
+        raise errors.RequestError("'input' must be a string or a non-empty list of messages")
+    out = []
+    for i, item in enumerate(raw):
+        where = f"input[{i}]"
+        if not isinstance(item, dict):
+            raise errors.RequestError(f"'{where}' must be an object")
+        kind = item.get("type", "message")
+        if kind != "message":
+            raise errors.RequestError(
+                f"'{where}.type': {kind!r} items are not supported by sseproxy (messages only)")
+        extra = set(item) - {"type", "role", "content", "id", "status"}
+        if extra:
+            raise errors.RequestError(f"'{where}' has unsupported keys: {', '.join(sorted(extra))}")
+        role = item.get("role")
+        if role not in ROLES:
+            raise errors.RequestError(f"'{where}.role' must be one of {', '.join(sorted(ROLES))}")
+        out.append({"role": role, "content": _input_text(item, where)})
+    return out
+
+
+def _flag(obj: Mapping[str, Any], key: str, default: bool, name: str | None = None) -> bool:
+    value = obj.get(key)
+    if value is None:
+        return default
+    if not isinstance(value, bool):
+        raise errors.RequestError(f"'{name or key}' must be true or false")
+    return value
+
+
+def responses_create(body: bytes, settings: Settings) -> ResponsesRequest:
+    """Validate a ``POST /v1/responses`` body (text only; see README, "Responses API")."""
+    obj = parse_json(body)
+    for key in obj:
+        if key in RESPONSES_UNSUPPORTED:
+            raise errors.RequestError(f"'{key}' is not supported by sseproxy (text only)")
+        if key not in RESPONSES_PASSTHROUGH and key not in RESPONSES_OWN:
+            raise errors.RequestError(f"unknown parameter '{key}'")
+    options = obj.get("stream_options")
+    if options is not None and (not isinstance(options, dict)
+                                or set(options) - {"include_obfuscation"}):
+        raise errors.RequestError("'stream_options' supports only 'include_obfuscation'")
+    obfuscation = _flag(options or {}, "include_obfuscation", True,
+                        "stream_options.include_obfuscation")
+    instructions = obj.get("instructions")
+    if instructions is not None and not isinstance(instructions, str):
+        raise errors.RequestError("'instructions' must be a string")
+    upstream, echoed = {}, {}
+    for key, (name, check) in RESPONSES_PASSTHROUGH.items():
+        if key in obj and obj[key] is not None:
+            check(key, obj[key])
+            upstream[name] = echoed[key] = obj[key]
+    persona = _persona(obj.get("persona"), settings)
+    messages = _input_messages(obj.get("input"))
+    if instructions:
+        messages.insert(0, {"role": "system", "content": instructions})
+    messages, chars = _messages(messages, settings)
+    chat = ChatRequest(
+        messages=_with_persona(messages, persona, settings),
+        model=_model(obj.get("model"), persona, settings),
+        persona=persona, stream=True, include_usage=True, params=upstream, prompt_chars=chars)
+    background, store = _flag(obj, "background", False), _flag(obj, "store", True)
+    if background and not store:
+        raise errors.RequestError("'background' needs 'store': a background response is kept")
+    return ResponsesRequest(
+        chat=chat,
+        stream=_flag(obj, "stream", False),
+        background=background,
+        store=store,
+        include_obfuscation=obfuscation,
+        instructions=instructions,
+        params=echoed,
+    )

@@ -17,7 +17,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
 
-#: Event kinds. Text is relayed text; ``done`` and ``error`` end the log (JSON data).
+#: Event kinds. Text is relayed text; ``done`` and ``error`` end the log (JSON data). A
+#: format may put other kinds before the text (a Responses stream's ``meta``).
 TEXT = "text"
 DONE = "done"
 ERROR = "error"
@@ -37,7 +38,7 @@ class Event(NamedTuple):
 
     @property
     def final(self) -> bool:
-        return self.kind != TEXT
+        return self.kind == DONE or self.kind == ERROR
 
 
 class FollowerClosed(Exception):
