@@ -9,15 +9,20 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 import time
 from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from redisserver import RedisServer, redis_server
 from servers import Received, Running, eventually, instance, simulator, stream
+from test_cli import free_port, process
+from test_process import Reader
+from test_process import simulator as simulator_process
 
 from sseproxy.mockupstream import Scenario, make_tokens
 
@@ -125,8 +130,8 @@ async def test_the_orphan_grace_counts_subscribers_on_every_instance(
 
 
 def store_errors(r: Running) -> float:
-    return sum(r.deps.metrics.store_errors.labels(op)._value.get()
-               for op in ("create", "get", "cancel", "write", "read"))
+    return float(sum(r.deps.metrics.store_errors.labels(op)._value.get()
+                     for op in ("create", "get", "cancel", "write", "read")))
 
 
 async def test_a_redis_outage_fails_fast_and_sseproxy_recovers_by_itself(
@@ -175,3 +180,60 @@ async def test_a_redis_outage_fails_fast_and_sseproxy_recovers_by_itself(
     assert errors_seen > 0
     assert ready_again.status_code == 200
     assert after.events[-1].event == "done" and after.content() == "".join(make_tokens(SHORT))
+
+
+# --- a rolling restart: real processes ------------------------------------------------------
+
+def test_sigterm_sends_eventsource_clients_to_another_instance_and_loses_no_reply(
+        tmp_path: Path, redis: RedisServer) -> None:
+    # 20 EventSource clients mid-reply on A; A gets SIGTERM; each client reconnects, as a
+    # browser does, to B with its Last-Event-ID and gets the exact full text and one done,
+    # while A goes on generating into Redis (no upstream request is made twice).
+    clients = 20
+    reply = Scenario(rate=10, tokens=40)
+    with simulator_process(tmp_path) as mock:
+        ports = free_port(), free_port()
+        bases = [f"http://127.0.0.1:{port}" for port in ports]
+        conf = tmp_path / "sseproxy.toml"
+        conf.write_text(
+            '[server]\nshutdown_grace_s = 30\nretry_ms = 200\n'
+            f'[upstream]\nbase_url = "{mock}/v1"\nmodel = "{reply.to_model()}"\n'
+            '[pacing]\nmode = "off"\n'
+            f'[store]\nbackend = "redis"\nredis_url = "{redis.url}"\n')
+        with process("serve", "--config", str(conf), "--port", str(ports[0]),
+                     url=bases[0] + "/healthz", log=tmp_path / "a.log") as a, \
+                process("serve", "--config", str(conf), "--port", str(ports[1]),
+                        url=bases[1] + "/healthz", log=tmp_path / "b.log"):
+            readers = [Reader("GET", bases[0] + "/v1/chat/stream?prompt=hi")
+                       for _ in range(clients)]
+            for reader in readers:
+                reader.start()
+            deadline = time.monotonic() + 20
+            while not all(len(r.events) >= 3 for r in readers):
+                assert time.monotonic() < deadline, "the replies did not start"
+                time.sleep(0.02)
+            a.send_signal(signal.SIGTERM)
+            for reader in readers:
+                reader.join(timeout=20)
+            rest = []
+            for reader in readers:
+                assert reader.events[-1].event != "done", "A ended a reply it should hand on"
+                sid = reader.events[-1].id.split(".")[0]
+                tail = Reader("GET", bases[1] + f"/v1/streams/{sid}",
+                              headers={"Last-Event-ID": reader.events[-1].id})
+                tail.start()
+                rest.append(tail)
+            for tail in rest:
+                tail.join(timeout=30)
+            code = a.wait(timeout=30)
+        stats = httpx.get(mock + "/mock/stats").json()
+    assert code == 0
+    whole = "".join(make_tokens(reply))
+    for first, tail in zip(readers, rest, strict=True):
+        assert tail.error is None and tail.status == 200
+        events = first.events + tail.events
+        assert [int(e.id.rsplit(".", 1)[1]) for e in events] == list(range(1, len(events) + 1))
+        text = "".join(json.loads(e.data)["content"] for e in events if e.event == "message")
+        assert text == whole
+        assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
+    assert stats["requests"] == clients and stats["completed"] == clients
