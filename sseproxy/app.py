@@ -33,7 +33,6 @@ from .record import Outcome
 from .registry import StreamRegistry
 from .store import Store
 from .store.memory import MemoryStore
-from .store.redis import RedisStore
 from .upstream import UpstreamClient, make_transport
 
 log = structlog.get_logger("sseproxy.app")
@@ -141,8 +140,10 @@ async def build_deps(
                               api_key=config.api_key(settings))
     metrics = metrics if metrics is not None else Metrics()
     st = settings.store
-    store: MemoryStore | RedisStore
+    store: Store
     if st.backend == "redis":
+        from .store.redis import RedisStore  # redis-py only where it is used
+
         store = RedisStore(url=st.redis_url, timeout_s=st.redis_timeout_s,
                            max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
                            running_ttl_s=settings.upstream.max_duration_s,
