@@ -31,6 +31,7 @@ from .metrics import Metrics
 from .models import ModelCatalog
 from .record import Outcome
 from .registry import StreamRegistry
+from .store import Store
 from .store.memory import MemoryStore
 from .upstream import UpstreamClient, make_transport
 
@@ -144,8 +145,17 @@ async def build_deps(
                               api_key=config.api_key(settings))
     metrics = metrics if metrics is not None else Metrics()
     st = settings.store
-    store = MemoryStore(max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
-                        on_evict=metrics.log_evictions.inc)
+    store: Store
+    if st.backend == "redis":
+        from .store.redis import RedisStore  # redis-py only where it is used
+
+        store = RedisStore(url=st.redis_url, timeout_s=st.redis_timeout_s,
+                           max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
+                           running_ttl_s=settings.upstream.max_duration_s,
+                           on_error=lambda op: metrics.store_errors.labels(op).inc())
+    else:
+        store = MemoryStore(max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
+                            on_evict=metrics.log_evictions.inc)
     metrics.log_streams.set_function(lambda: store.streams)
     metrics.log_events.set_function(lambda: store.events)
     metrics.log_bytes.set_function(lambda: store.bytes)
@@ -167,7 +177,7 @@ async def close_deps(deps: Deps) -> None:
     deps.registry.stop()
     if deps.loop_lag is not None:
         deps.loop_lag.stop()
-    deps.store.close()
+    await deps.store.close()
     await deps.upstream.aclose()
 
 
@@ -273,5 +283,7 @@ async def serve(
 
 async def drain(deps: Deps, grace_s: float) -> None:
     """Let running streams finish for ``grace_s``, then end the rest with a
-    ``server_shutdown`` error (after what they already received, within ``pacing.drain_s``)."""
-    await deps.registry.drain(grace_s, deps.settings.pacing.drain_s)
+    ``server_shutdown`` error (after what they already received, within ``pacing.drain_s``).
+    With a shared store the EventSource subscribers are first sent to reconnect elsewhere."""
+    store: Store = deps.store
+    await deps.registry.drain(grace_s, deps.settings.pacing.drain_s, handoff=store.shared)

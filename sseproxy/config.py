@@ -132,8 +132,14 @@ class LimitsSettings:
 
 @dataclass(frozen=True)
 class StoreSettings:
-    #: Where stream logs live: ``memory`` (this process).
-    backend: str = field(default="memory", metadata=_choice("memory"))
+    #: Where stream logs live: ``memory`` (this process) or ``redis`` (Redis Streams at
+    #: ``redis_url``, shared by every instance: any instance serves, resumes and stops any
+    #: stream, and a rolling restart loses no reply).
+    backend: str = field(default="memory", metadata=_choice("memory", "redis"))
+    #: The Redis server of ``backend = "redis"`` (``redis://``, ``rediss://`` or ``unix://``).
+    redis_url: str = "redis://127.0.0.1:6379/0"
+    #: Longest wait for any one Redis call; past it the store counts as unavailable.
+    redis_timeout_s: float = field(default=1.0, metadata=_range(0.01, 60))
     #: A finished stream stays replayable (a reconnect gets its missing tail) this long.
     ttl_s: float = field(default=600.0, metadata=_range(0, 7 * 86400))
     #: A generation with no subscriber for this long is cancelled (its log ends with an

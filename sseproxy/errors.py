@@ -191,6 +191,18 @@ class LogFull(SSEProxyError):
     code = "log_full"
 
 
+class StoreUnavailable(SSEProxyError):
+    """The shared event store (Redis) did not answer within ``store.redis_timeout_s``."""
+
+    status = 503
+    code = "store_unavailable"
+    retryable = True
+
+    def __init__(self, reason: str = "") -> None:
+        super().__init__("the event store is unavailable" + (f": {reason}" if reason else "")
+                         + "; try again shortly")
+
+
 class StreamNotFound(SSEProxyError):
     """No running or replayable stream has this id."""
 

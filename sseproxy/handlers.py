@@ -26,9 +26,9 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
-from . import __version__, errors, models, validate
+from . import __version__, errors, models, sse, validate
 from .config import Settings
-from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps
+from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
 from .generation import Generation
 from .looplag import LoopLagMonitor
 from .metrics import Metrics
@@ -162,16 +162,22 @@ class StreamingHandler(BaseHandler):
             except OSError:  # the client is already gone: the first flush will tell
                 pass
 
-    def new_generation(self, req: validate.ChatRequest, stream_id: str, *,
-                       retained: bool) -> Generation:
-        """Start the generation of ``req`` in the registry (after admission)."""
+    async def new_generation(self, req: validate.ChatRequest, stream_id: str, *,
+                             retained: bool) -> Generation:
+        """Start the generation of ``req`` in the registry (after admission); raises
+        :class:`~sseproxy.errors.StoreUnavailable` (counted as rejected) when its log
+        cannot be made."""
         structlog.contextvars.bind_contextvars(stream_id=stream_id)
         fields: dict[str, Any] = {"persona": req.persona, "model": req.model,
                                   "prompt_chars": req.prompt_chars}
         if self.cfg.logging.log_prompts:
             fields["prompt"] = req.messages[-1].get("content")
         record = StreamRecord(self.deps.metrics, stream_id, self.endpoint, fields)
-        log_ = self.deps.store.create(stream_id, retained=retained)
+        try:
+            log_ = await self.deps.store.create(stream_id, retained=retained)
+        except errors.StoreUnavailable as exc:
+            self.rejected(exc)
+            raise
         settings = self.cfg
         if req.pacing_off:
             settings = replace(settings, pacing=replace(settings.pacing, mode="off"))
@@ -231,8 +237,8 @@ class StreamingHandler(BaseHandler):
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 
-    def accept(self, parse: Callable[[], validate.ChatRequest], *, too_large: bool = False
-               ) -> validate.ChatRequest | None:
+    def accept(self, parse: Callable[[], validate.ChatRequest], *, too_large: bool = False,
+               resumable: bool = True) -> validate.ChatRequest | None:
         """Validate (``400``/``413``) and admit (``429``/``503``) a request that starts a
         stream; when it is refused, answer and return None."""
         try:
@@ -244,16 +250,19 @@ class StreamingHandler(BaseHandler):
             self.rejected(exc)
             self.send_error_object(exc)
             return None
-        refusal = self.admit()
+        refusal = self.admit(resumable)
         if refusal is not None:
             self.send_error_object(refusal)
             return None
         return req
 
-    def admit(self) -> errors.SSEProxyError | None:
-        """Why a new stream cannot start now (counted as rejected), or None."""
+    def admit(self, resumable: bool = True) -> errors.SSEProxyError | None:
+        """Why a new stream cannot start now (counted as rejected), or None. A resumable
+        stream also needs its store (Redis) to be reachable."""
         try:
             self.deps.registry.check_admission()
+            if resumable:
+                self.deps.store.check()
         except errors.SSEProxyError as exc:
             self.rejected(exc)
             return exc
@@ -273,6 +282,20 @@ class StreamingHandler(BaseHandler):
         if isinstance(self.request.connection, HTTP1Connection):
             self.request.connection.stream.close()
 
+    async def store_unavailable(self, error: errors.StoreUnavailable) -> None:
+        """An EventSource read the store cannot serve now: ``200``, then ``event: error``
+        (``store_unavailable``) without an id, so the client's ``Last-Event-ID`` stays
+        and EventSource tries again after ``retry``."""
+        self.start_stream()
+        assert self.sink is not None
+        retry = self.cfg.server.retry_ms
+        try:
+            await self.sink.send(sse.encode(retry=retry) + sse.encode(
+                dumps(error_object(error)), event="error", retry=retry))
+        except ClientGone:
+            pass
+        self.finish_quietly()
+
     # -- resumes -----------------------------------------------------------------------
 
     def last_event_id(self) -> str:
@@ -291,7 +314,11 @@ class StreamingHandler(BaseHandler):
             self.send_error_object(error)
             return
         sid, position = parsed
-        log_ = self.deps.store.get(sid)
+        try:
+            log_ = await self.deps.store.get(sid)
+        except errors.StoreUnavailable as exc:
+            await self.store_unavailable(exc)
+            return
         if log_ is None or (log_.ended and position >= log_.last):
             log.info("resume_refused", stream_id=sid, position=position,
                      reason="unknown or expired" if log_ is None else "already complete")
@@ -370,11 +397,11 @@ class ChatCompletionsHandler(StreamingHandler):
         if self._finished:  # answered while the body arrived (408)
             return
         req = self.accept(lambda: validate.chat_completion(bytes(self._body), self.cfg),
-                          too_large=self._too_large)
+                          too_large=self._too_large, resumable=False)
         if req is None:
             return
         stream_id = new_stream_id()
-        generation = self.new_generation(req, stream_id, retained=False)
+        generation = await self.new_generation(req, stream_id, retained=False)
         try:
             await generation.accepted()
         except errors.SSEProxyError as exc:
@@ -475,16 +502,21 @@ class ChatStreamHandler(StreamingHandler):
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
         refusal = self.admit()
-        if refusal is not None:
+        generation = None
+        if refusal is None:
+            try:
+                generation = await self.new_generation(req, stream_id, retained=True)
+            except errors.StoreUnavailable as exc:
+                refusal = exc
+        if generation is None:
             # Never a bare 503 on an EventSource URL: the browser would not say why.
-            assert self.sink is not None
+            assert self.sink is not None and refusal is not None
             try:
                 await self.sink.send(frames.opening() + frames.error(refusal))
             except ClientGone:
                 pass
             self.finish_quietly()
             return
-        generation = self.new_generation(req, stream_id, retained=True)
         await self.follow(generation.log, 0, frames, generation.record)
 
 
@@ -500,7 +532,11 @@ class StreamsHandler(StreamingHandler):
         if req is None:
             return
         stream_id = new_stream_id()
-        self.new_generation(req, stream_id, retained=True)
+        try:
+            await self.new_generation(req, stream_id, retained=True)
+        except errors.StoreUnavailable as exc:
+            self.send_error_object(exc)
+            return
         url = f"/v1/streams/{stream_id}"
         self.set_status(201)
         self.set_header("Location", url)
@@ -518,7 +554,11 @@ class StreamHandler(StreamingHandler):
         if last_id:
             await self.resume(last_id, stream_id)
             return
-        log_ = self.deps.store.get(stream_id)
+        try:
+            log_ = await self.deps.store.get(stream_id)
+        except errors.StoreUnavailable as exc:
+            await self.store_unavailable(exc)
+            return
         if log_ is None:
             log.info("stream_unknown", stream_id=stream_id)
             self.set_status(204)
@@ -538,9 +578,15 @@ class StreamHandler(StreamingHandler):
         generation = self.deps.registry.get(stream_id)
         if generation is not None:
             generation.stop(Outcome.CANCELLED, errors.StreamCancelled())
-        elif self.deps.store.get(stream_id) is None:
-            self.send_error_object(errors.StreamNotFound())
-            return
+        else:  # finished, unknown, or running on another instance (a shared store)
+            try:
+                found = await self.deps.store.cancel(stream_id)
+            except errors.StoreUnavailable as exc:
+                self.send_error_object(exc)
+                return
+            if not found:
+                self.send_error_object(errors.StreamNotFound())
+                return
         self.set_status(204)
         self.finish()
 
@@ -569,10 +615,14 @@ class ReadyHandler(BaseHandler):
     async def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
         registry = self.deps.registry
-        if registry.draining:
+        problem = self.deps.store.problem
+        status = "draining" if registry.draining else "store_unavailable" if problem else "ready"
+        if status != "ready":
             self.set_status(503)
-        self.finish({"status": "draining" if registry.draining else "ready",
-                     "streams": registry.active})
+        body: dict[str, Any] = {"status": status, "streams": registry.active}
+        if problem:
+            body["reason"] = problem
+        self.finish(body)
 
 
 class MetricsHandler(BaseHandler):

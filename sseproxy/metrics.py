@@ -47,6 +47,8 @@ ENDPOINTS = ("chat_completions", "chat_stream", "streams", "responses")
 UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout",
                      "protocol_error")
 RELOAD_RESULTS = ("ok", "error")
+#: Operations on the shared event store (see sseproxy.store.redis).
+STORE_OPS = ("create", "get", "cancel", "write", "read")
 
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
                 20.0, 30.0, 60.0, 120.0)
@@ -227,6 +229,10 @@ class Metrics:
             "sseproxy_log_evictions",
             "Finished stream logs dropped before their store.ttl_s to stay within "
             "store.max_bytes.", registry=r)
+        self.store_errors = Counter(
+            "sseproxy_store_errors",
+            "Calls to the shared event store (Redis) that failed or timed out, by operation.",
+            ["op"], registry=r)
         self.event_loop_lag = Histogram(
             "sseproxy_event_loop_lag_seconds",
             "How much later than due a periodic timer ran: time the event loop was blocked.",
@@ -246,6 +252,8 @@ class Metrics:
             self.upstream_requests.labels(status)
         for result in RELOAD_RESULTS:
             self.config_reloads.labels(result)
+        for op in STORE_OPS:
+            self.store_errors.labels(op)
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format, with its content type."""

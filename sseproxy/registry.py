@@ -10,7 +10,9 @@
 * **Records** — a stream's record is closed (its canonical log line written) once its
   generation has ended and no subscriber is attached.
 * **Draining** — on shutdown, running generations get ``server.shutdown_grace_s`` to
-  finish, then end with ``server_shutdown``.
+  finish, then end with ``server_shutdown``. With a shared store (Redis) the EventSource
+  subscribers are sent away first (their connections closed, so they reconnect to another
+  instance and follow the log there) while the generations go on writing into the store.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import structlog
 from . import errors
 from .config import Settings
 from .generation import Generation
-from .record import Outcome, StreamRecord
+from .record import Outcome, StreamRecord, outcome_of
 from .subscriber import Subscriber
 
 log = structlog.get_logger("sseproxy.registry")
@@ -133,6 +135,9 @@ class StreamRegistry:
             for generation in list(self.generations.values()):
                 try:
                     generation.upstream_watch.check(now)
+                    interrupt = generation.log.interrupt
+                    if interrupt is not None:  # a DELETE elsewhere; the store failing
+                        generation.stop(outcome_of(interrupt), interrupt)
                     self._check_orphan(generation, now)
                 except Exception:
                     log.exception("sweep_error", stream_id=generation.stream_id)
@@ -151,12 +156,18 @@ class StreamRegistry:
 
     # -- draining ----------------------------------------------------------------------
 
-    async def drain(self, grace_s: float, drain_s: float) -> None:
+    async def drain(self, grace_s: float, drain_s: float, handoff: bool = False) -> None:
         """Let running generations finish for ``grace_s``, then end the rest with a
         ``server_shutdown`` error (after what they already received, within ``drain_s``),
-        and wait (boundedly) for their subscribers to write it."""
+        and wait (boundedly) for their subscribers to write it. ``handoff`` (a shared
+        store) first closes the connections of the subscribers of resumable streams."""
         self.draining = True
         log.info("draining", streams=self.active, grace_s=grace_s)
+        if handoff:
+            moved = [s for s in self.subscribers if s.log.retained and s.ended is None]
+            for subscriber in moved:
+                subscriber.drop()
+            log.info("subscribers_sent_away", subscribers=len(moved))
         await self._wait_until(lambda: not self.generations, grace_s)
         if self.generations:
             log.info("ending_streams", streams=self.active)

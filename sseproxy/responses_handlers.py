@@ -118,14 +118,14 @@ class ResponsesHandler(ChatCompletionsHandler):
             self.rejected(exc)
             self.send_error_object(exc)
             return
-        refusal = self.admit()
+        refusal = self.admit(resumable=req.background)
         if refusal is not None:
             self.send_error_object(refusal)
             return
         response_id = "resp_" + new_stream_id()
         # A foreground response ends with its client; a background one runs on regardless.
         self.cancel_on_leave = not req.background
-        generation = self.new_generation(req.chat, response_id, retained=req.background)
+        generation = await self.new_generation(req.chat, response_id, retained=req.background)
         generation.detached = req.background
         created = created_object(response_id, req)
         generation.log.append(META, dumps(created))
@@ -202,7 +202,7 @@ class ResponseHandler(StreamingHandler):
     endpoint = "responses"
 
     async def get(self, response_id: str) -> None:
-        log_ = self.deps.store.get(response_id)
+        log_ = await self.deps.store.get(response_id)
         if log_ is None or not log_.retained:
             self.send_error_object(not_found(response_id))
             return
@@ -245,7 +245,7 @@ class CancelResponseHandler(BaseHandler):
     """``POST /v1/responses/{id}/cancel``: stop a background response; idempotent."""
 
     async def post(self, response_id: str) -> None:
-        log_ = self.deps.store.get(response_id)
+        log_ = await self.deps.store.get(response_id)
         if log_ is None or not log_.retained:
             self.send_error_object(not_found(response_id))
             return
@@ -253,6 +253,12 @@ class CancelResponseHandler(BaseHandler):
         if generation is not None:
             generation.stop(Outcome.CANCELLED, errors.StreamCancelled())
             await generation.wait_closed()
+        elif not log_.ended:  # running on another instance (a shared store)
+            try:
+                await self.deps.store.cancel(response_id)
+            except errors.StoreUnavailable as exc:
+                self.send_error_object(exc)
+                return
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(dumps(snapshot(await read_present(log_))))
 

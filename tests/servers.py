@@ -172,6 +172,15 @@ async def running(
 
 
 @asynccontextmanager
+async def instance(mock_url: str, scenario: mockupstream.Scenario | None = None,
+                   **overrides: Any) -> AsyncIterator[Running]:
+    """One more sseproxy in front of the simulator at ``mock_url`` (several instances
+    sharing one store)."""
+    async with _sseproxy(mock_url, scenario, None, None, None, None, overrides) as r:
+        yield r
+
+
+@asynccontextmanager
 async def _sseproxy(
     mock_url: str,
     scenario: mockupstream.Scenario | None,

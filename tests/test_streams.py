@@ -94,7 +94,7 @@ class Kit:
     def start(self, retained: bool = True, sid: str = SID) -> Generation:
         record = StreamRecord(self.metrics, sid, "test")
         gen = Generation(self.upstream, {"model": "m", "messages": []},
-                         log=self.store.create(sid, retained=retained), record=record,
+                         log=self.store.new_log(sid, retained=retained), record=record,
                          settings=self.settings)
         self.registry.add(gen)
         return gen
@@ -117,7 +117,7 @@ class Kit:
 
     def close(self) -> None:
         self.registry.stop()
-        self.store.close()
+        self.store.stop()
 
 
 def stream_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
@@ -320,30 +320,30 @@ async def test_the_store_evicts_finished_logs_and_refuses_a_live_one_past_its_by
     store = MemoryStore(max_events=100, max_bytes=10_000, ttl_s=600,
                         on_evict=lambda: evicted.append(1))
     for i in range(10_000):  # 10,000 finished streams stay within the bound
-        log = store.create(f"{i:032x}")
+        log = await store.create(f"{i:032x}")
         log.append(TEXT, "x" * 100)
         log.append(DONE, "{}")
         log.end()
     assert store.bytes <= 10_000 and store.streams < 100 and evicted
-    live = store.create("f" * 32)
+    live = await store.create("f" * 32)
     with pytest.raises(errors.LogFull):
         for _ in range(200):
             live.append(TEXT, "y" * 200)
     assert store.bytes <= 10_000 + 120 + 2  # past it only by a final event
-    store.close()
+    await store.close()
 
 
 async def test_a_finished_log_expires_after_its_ttl(io_loop: Any) -> None:
     now = [0.0]
     store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=10, clock=lambda: now[0])
-    log = store.create(SID)
+    log = await store.create(SID)
     log.append(DONE, "{}")
     log.end()
     now[0] = 9.9
-    assert store.get(SID) is log
+    assert await store.get(SID) is log
     now[0] = 10.0
-    assert store.get(SID) is None and store.bytes == 0
-    store.close()
+    assert await store.get(SID) is None and store.bytes == 0
+    await store.close()
 
 
 async def until(condition: Callable[[], bool]) -> None:

@@ -9,13 +9,22 @@ a reconnect needs: a new follower at the position its ``Last-Event-ID`` names.
 The interface is shaped so that Redis Streams fit it without change: ``append`` buffers and
 returns at once (a backend may batch appends into one ``XADD`` pipeline), ``Follower.next``
 is ``XREAD BLOCK`` from a position with a deadline, and ``end`` starts the time-to-live
-(``EXPIRE``). :mod:`sseproxy.store.memory` is the in-process backend (the default).
+(``EXPIRE``). :mod:`sseproxy.store.memory` is the in-process backend (the default);
+:mod:`sseproxy.store.redis` keeps logs in Redis Streams, shared by every instance.
+
+The store's own calls are asynchronous (``create``, ``get``, ``cancel``, ``close``): with
+Redis each is a round trip that may fail (:class:`~sseproxy.errors.StoreUnavailable`),
+bounded by ``store.redis_timeout_s``. What happens elsewhere reaches a running generation
+through :attr:`EventLog.interrupt`, which the registry's sweep reads: a ``DELETE`` served by
+another instance, or the store failing under it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import NamedTuple, Protocol
+
+from ..errors import SSEProxyError
 
 #: Event kinds. Text is relayed text; ``done`` and ``error`` end the log (JSON data). A
 #: format may put other kinds before the text (a Responses stream's ``meta``).
@@ -64,10 +73,15 @@ class EventLog(Protocol):
     """One stream's log."""
 
     stream_id: str
-    #: The number of the last event appended (0 when empty).
-    last: int
-    #: Whether the final event was appended.
-    ended: bool
+
+    @property
+    def last(self) -> int:
+        """The number of the last event appended (0 when empty)."""
+
+    @property
+    def ended(self) -> bool:
+        """Whether the final event was appended."""
+
     #: The role the upstream announced (``assistant``), when it did.
     role: str | None
     #: Whether the log is kept for replay (False: a live log, one reader, nothing kept).
@@ -75,6 +89,9 @@ class EventLog(Protocol):
     #: A live log calls this when its reader brought the unread bytes back under
     #: :data:`LIVE_LOW_WATER` (the generation reads the upstream again).
     on_space: Callable[[], None] | None
+    #: Set when the generation must stop for a reason outside this process (a ``DELETE``
+    #: served by another instance; the store failing): the registry's sweep stops it.
+    interrupt: SSEProxyError | None
 
     def append(self, kind: str, data: str) -> int:
         """Append one event; return its number. Raises :class:`~sseproxy.errors.LogFull`
@@ -92,7 +109,7 @@ class EventLog(Protocol):
 
     @property
     def subscribers(self) -> int:
-        """How many followers are open now."""
+        """How many followers are open now (with a shared store: on every instance)."""
 
     @property
     def unread_bytes(self) -> int:
@@ -102,12 +119,30 @@ class EventLog(Protocol):
 class Store(Protocol):
     """Every stream's log, by id."""
 
-    def create(self, stream_id: str, *, retained: bool = True) -> EventLog:
+    #: Whether other instances can serve this store's streams (Redis): then a shutting-down
+    #: instance sends its EventSource subscribers away to reconnect elsewhere.
+    shared: bool
+
+    async def create(self, stream_id: str, *, retained: bool = True) -> EventLog:
         """A new, empty log. ``retained=False`` makes a live log: one reader, events dropped
-        once read, and its unread bytes counted for backpressure."""
+        once read, and its unread bytes counted for backpressure. Raises
+        :class:`~sseproxy.errors.StoreUnavailable` when a retained log cannot be made."""
 
-    def get(self, stream_id: str) -> EventLog | None:
-        """The log of ``stream_id`` when it exists and has not expired."""
+    async def get(self, stream_id: str) -> EventLog | None:
+        """The log of ``stream_id`` when it exists and has not expired (raises
+        :class:`~sseproxy.errors.StoreUnavailable` when that cannot be known)."""
 
-    def close(self) -> None:
-        """Stop the store's timers."""
+    async def cancel(self, stream_id: str) -> bool:
+        """Ask whoever runs ``stream_id``'s generation, on any instance, to stop it; False
+        when the stream is unknown. (A generation of this process is stopped through the
+        registry instead, at once.)"""
+
+    @property
+    def problem(self) -> str | None:
+        """Why the store cannot be used now (readiness fails with it), or None."""
+
+    def check(self) -> None:
+        """Raise :class:`~sseproxy.errors.StoreUnavailable` if :attr:`problem` is set."""
+
+    async def close(self) -> None:
+        """Stop the store's timers and tasks (a shared store writes what it holds first)."""

@@ -112,6 +112,7 @@ class MemoryLog:
         "on_space",
         "bytes",
         "_unread",
+        "interrupt",
     )
 
     def __init__(self, store: MemoryStore, stream_id: str, retained: bool) -> None:
@@ -127,6 +128,7 @@ class MemoryLog:
         self._unread_events: deque[Event] = deque()
         self._followers: list[MemoryFollower] = []
         self.on_space: Callable[[], None] | None = None
+        self.interrupt: errors.SSEProxyError | None = None
         self.bytes = 0
         self._unread = 0
 
@@ -173,6 +175,11 @@ class MemoryLog:
         except ValueError:
             pass
 
+    def close_followers(self) -> None:
+        """Close every follower (their subscribers end; EventSource clients reconnect)."""
+        for follower in list(self._followers):
+            follower.close()
+
     def since(self, position: int) -> list[Event]:
         """The events after ``position`` (a live log forgets them once read)."""
         if self.retained:
@@ -218,15 +225,36 @@ class MemoryStore:
         self.bytes = 0
         self._timer: asyncio.TimerHandle | None = None
 
-    def create(self, stream_id: str, *, retained: bool = True) -> MemoryLog:
+    shared = False
+    problem = None
+
+    async def create(self, stream_id: str, *, retained: bool = True) -> MemoryLog:
+        return self.new_log(stream_id, retained=retained)
+
+    async def get(self, stream_id: str) -> MemoryLog | None:
+        return self.find(stream_id)
+
+    async def cancel(self, stream_id: str) -> bool:
+        return self.find(stream_id) is not None  # a running one is the registry's
+
+    def check(self) -> None:
+        pass
+
+    def new_log(self, stream_id: str, *, retained: bool = True) -> MemoryLog:
         log = MemoryLog(self, stream_id, retained)
         if retained:
             self._logs[stream_id] = log
         return log
 
-    def get(self, stream_id: str) -> MemoryLog | None:
+    def find(self, stream_id: str) -> MemoryLog | None:
         self.expire()
         return self._logs.get(stream_id)
+
+    def discard(self, log: MemoryLog) -> None:
+        """Forget ``log`` now (its followers keep what they hold)."""
+        if self._logs.get(log.stream_id) is log:
+            self._finished.pop(log.stream_id, None)
+            self._drop(log.stream_id)
 
     @property
     def streams(self) -> int:
@@ -283,7 +311,10 @@ class MemoryStore:
         if self._finished:
             self._schedule()
 
-    def close(self) -> None:
+    async def close(self) -> None:
+        self.stop()
+
+    def stop(self) -> None:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
