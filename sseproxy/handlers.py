@@ -19,7 +19,7 @@ import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 import tornado.web
@@ -68,6 +68,9 @@ def new_stream_id() -> str:
     """128 random bits: knowing a stream's id is what lets a client read or stop it."""
     return secrets.token_hex(16)
 
+
+#: A validated request (chat or Responses).
+Req = TypeVar("Req")
 
 _EVENT_ID = re.compile(r"^([0-9a-f]{32})\.([0-9]{1,12})$")
 
@@ -237,10 +240,11 @@ class StreamingHandler(BaseHandler):
         log.info("stream", endpoint=self.endpoint, outcome=Outcome.REJECTED.value,
                  error_code=error.error_code(), reason=error.message)
 
-    def accept(self, parse: Callable[[], validate.ChatRequest], *, too_large: bool = False,
-               resumable: bool = True) -> validate.ChatRequest | None:
+    def accept(self, parse: Callable[[], Req], *, too_large: bool = False,
+               resumable: bool | Callable[[Req], bool] = True) -> Req | None:
         """Validate (``400``/``413``) and admit (``429``/``503``) a request that starts a
-        stream; when it is refused, answer and return None."""
+        stream (``resumable``: whether it needs the store, or how to tell from the
+        request); when it is refused, answer and return None."""
         try:
             if too_large:
                 limit = self.cfg.limits.max_body_bytes
@@ -250,11 +254,22 @@ class StreamingHandler(BaseHandler):
             self.rejected(exc)
             self.send_error_object(exc)
             return None
-        refusal = self.admit(resumable)
+        refusal = self.admit(resumable(req) if callable(resumable) else resumable)
         if refusal is not None:
             self.send_error_object(refusal)
             return None
         return req
+
+    async def upstream_accepted(self, generation: Generation) -> bool:
+        """Wait for the upstream's answer to ``generation``; when it refused, answer with its
+        HTTP status. False when the request ends here (refused, or the client left)."""
+        try:
+            await generation.accepted()
+        except errors.SSEProxyError as exc:
+            if not self._left:
+                self.send_error_object(exc)
+            return False
+        return not self._left
 
     def admit(self, resumable: bool = True) -> errors.SSEProxyError | None:
         """Why a new stream cannot start now (counted as rejected), or None. A resumable
@@ -402,13 +417,7 @@ class ChatCompletionsHandler(StreamingHandler):
             return
         stream_id = new_stream_id()
         generation = await self.new_generation(req, stream_id, retained=False)
-        try:
-            await generation.accepted()
-        except errors.SSEProxyError as exc:
-            if not self._left:
-                self.send_error_object(exc)
-            return
-        if self._left:
+        if not await self.upstream_accepted(generation):
             return
         completion_id = f"chatcmpl-{stream_id}"
         created = int(time.time())

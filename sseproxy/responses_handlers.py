@@ -109,18 +109,10 @@ class ResponsesHandler(ChatCompletionsHandler):
         self._stop_body_timer()
         if self._finished:  # answered while the body arrived (408)
             return
-        limit = self.cfg.limits.max_body_bytes
-        try:
-            if self._too_large:
-                raise errors.BodyTooLarge(f"the request body is over {limit} bytes")
-            req = validate.responses_create(bytes(self._body), self.cfg)
-        except errors.RequestError as exc:
-            self.rejected(exc)
-            self.send_error_object(exc)
-            return
-        refusal = self.admit(resumable=req.background)
-        if refusal is not None:
-            self.send_error_object(refusal)
+        req = self.accept(lambda: validate.responses_create(bytes(self._body), self.cfg),
+                          too_large=self._too_large,
+                          resumable=lambda req: req.background)
+        if req is None:
             return
         response_id = "resp_" + new_stream_id()
         # A foreground response ends with its client; a background one runs on regardless.
@@ -137,13 +129,7 @@ class ResponsesHandler(ChatCompletionsHandler):
             else:
                 self._send_json(created)
             return
-        try:
-            await generation.accepted()
-        except errors.SSEProxyError as exc:
-            if not self._left:
-                self.send_error_object(exc)
-            return
-        if self._left:
+        if not await self.upstream_accepted(generation):
             return
         if not req.stream:
             await self._collect_response(generation)
