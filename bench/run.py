@@ -476,6 +476,8 @@ LABELS = {
     "sseproxy-2w": "sseproxy `--workers 2`, pacing off",
     "sseproxy-es": "sseproxy, pacing off, EventSource endpoint",
     "sseproxy-streams": "sseproxy, pacing off, `POST /v1/streams` + EventSource",
+    "sseproxy-streams-redis": "sseproxy + redis-server (`store.backend = \"redis\"`), pacing "
+                              "off, `POST /v1/streams` + EventSource",
 }
 #: a scenario of the previous code is its current scenario's name with this suffix
 PREV = "@prev"
@@ -1091,6 +1093,12 @@ def guard_rows(bench: Bench, cpu_per_100k: dict[tuple[str, int], float],
          lambda t: us(t, shape), 1, "—")
     pair(f"CPU µs / token, `POST /v1/streams` + its EventSource (pacing off), {at}",
          "sseproxy-streams", lambda t: us(t, shape), 1, "—")
+    redis = us("sseproxy-streams-redis", shape)
+    rows.append([f"CPU µs / token, `POST /v1/streams` + EventSource on Redis (sseproxy + "
+                 f"redis-server) / memory, {at}", "—",
+                 "not run" if redis is None else f"{fmt(redis, 1)} / "
+                 f"{fmt(us('sseproxy-streams', shape), 1)}",
+                 times(div(redis, us("sseproxy-streams", shape))), "≤ 2×"])
     for es in ("sseproxy-es", "sseproxy-streams"):
         endpoint = "`GET /v1/chat/stream`" if es == "sseproxy-es" else "`/v1/streams`"
         pair(f"CPU per token, {endpoint} / OpenAI endpoint (pacing off), {at}", es,
@@ -1288,6 +1296,22 @@ def start_fleet(fleet: Fleet, mode: str, nofile: int, log: Callable[[str], None]
             name = "sseproxy-streams" + suffix
             targets[name] = Target(name, label(name), f"{base}/v1/streams", [proc],
                                    create=True)
+    if mode != "smoke" and shutil.which("redis-server"):
+        # The Redis backend: sseproxy and redis-server both counted (the same flags as
+        # sseproxy-off, logs in Redis instead of this process).
+        redis_port, port = free_port(), free_port()
+        redis = fleet.start("redis-server", ["redis-server", "--port", str(redis_port),
+                                             "--bind", "127.0.0.1", "--save", "",
+                                             "--appendonly", "no"])
+        proc = fleet.start("sseproxy-redis", [
+            py, "-m", "sseproxy", "serve", "--port", str(port), "--upstream-url", upstream,
+            *common, "--set", "pacing.mode=off", "--set", f"upstream.model={es_model}",
+            "--set", "store.backend=redis",
+            "--set", f"store.redis_url=redis://127.0.0.1:{redis_port}/0"])
+        wait_ready(proc, port, "/readyz")
+        name = "sseproxy-streams-redis"
+        targets[name] = Target(name, label(name), f"http://127.0.0.1:{port}/v1/streams",
+                               [proc, redis], create=True)
     log("started: " + ", ".join(f"{p.name} (pid {p.pid})" for p in fleet.procs.values()))
     return targets, simulator
 
