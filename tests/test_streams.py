@@ -1,19 +1,21 @@
 """The stream machinery: generation → EventLog → subscribers, on a fake upstream (issue 14).
 
 Each test wires the real parts (Generation, MemoryStore, Subscriber, StreamRegistry) to
-httpx's MockTransport instead of a network; waits are on events and conditions.
+httpx's MockTransport instead of a network, on virtual time (tests/virtualtime.py): the
+fake upstream's pauses, the orphan grace and the stall sweep take no wall time, and waits
+are on events and conditions.
 """
 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 import json
 from collections.abc import Callable, MutableMapping
 from typing import Any
 
 import pytest
 from fakes import GOOD, chunk, client, responder
+from virtualtime import run_virtual, virtual_time
 from hypothesis import HealthCheck, given, settings as hsettings, strategies as st
 from structlog.testing import capture_logs
 
@@ -124,8 +126,8 @@ def stream_lines(logs: list[MutableMapping[str, Any]]) -> list[MutableMapping[st
     return [entry for entry in logs if entry["event"] == "stream"]
 
 
-async def test_a_subscriber_gets_every_delta_then_done_with_consecutive_ids(io_loop: Any
-                                                                            ) -> None:
+@virtual_time
+async def test_a_subscriber_gets_every_delta_then_done_with_consecutive_ids() -> None:
     kit = Kit(list(GOOD))
     sink = RecordingSink()
     with capture_logs() as logs:
@@ -145,7 +147,8 @@ async def test_a_subscriber_gets_every_delta_then_done_with_consecutive_ids(io_l
     kit.close()
 
 
-async def test_two_subscribers_of_one_stream_each_get_it_whole(io_loop: Any) -> None:
+@virtual_time
+async def test_two_subscribers_of_one_stream_each_get_it_whole() -> None:
     parts = [chunk("", role="assistant")] + [chunk(f"t{i} ") for i in range(50)] + [
         chunk(finish="stop"), b"data: [DONE]\n\n"]
     kit = Kit(parts)
@@ -157,8 +160,8 @@ async def test_two_subscribers_of_one_stream_each_get_it_whole(io_loop: Any) -> 
     kit.close()
 
 
-async def test_a_reconnect_replays_what_followed_its_position_then_follows_live(io_loop: Any
-                                                                                ) -> None:
+@virtual_time
+async def test_a_reconnect_replays_what_followed_its_position_then_follows_live() -> None:
     parts: list[Any] = [chunk(f"w{i} ") for i in range(10)] + [0.2] + [
         chunk(f"v{i} ") for i in range(10)] + [chunk(finish="stop"), b"data: [DONE]\n\n"]
     kit = Kit(parts)
@@ -211,19 +214,22 @@ def test_any_cut_points_and_reconnect_delays_deliver_the_uninterrupted_sequence(
         kit.close()
         return got, whole.events()
 
-    # A loop of its own, in a thread of its own: the test's loop is not this example's.
-    with concurrent.futures.ThreadPoolExecutor(1) as pool:
-        got, whole = pool.submit(asyncio.run, scenario()).result(timeout=60)
+    got, whole = run_virtual(scenario())  # a loop of its own per example
     assert [(e.id, e.event, e.data) for e in got] == [(e.id, e.event, e.data) for e in whole]
     assert whole[-1].event == "done" and len(whole) == 31
 
 
-async def test_nobody_following_for_the_grace_abandons_the_generation(io_loop: Any) -> None:
-    kit = Kit([chunk("a"), 30.0, chunk("b")],
-              cfg(store=config.StoreSettings(orphan_grace_s=0.1)))
+@virtual_time
+async def test_nobody_following_for_the_grace_abandons_the_generation() -> None:
+    # The default grace (30 s) on virtual time: the model would answer after 600 s.
+    kit = Kit([chunk("a"), 600.0, chunk("b")], cfg())
+    loop = asyncio.get_running_loop()
+    started = loop.time()
     with capture_logs() as logs:
         gen = kit.start()
-        await asyncio.wait_for(gen.wait_ended(), 5)
+        await asyncio.wait_for(gen.wait_ended(), 60)
+    # ended within one sweep (at most 250 ms) after the grace, not before it
+    assert 30.0 <= loop.time() - started <= 30.5
     assert kit.body.closed
     assert [e.kind for e in gen.log.since(0)] == [TEXT, "error"]  # type: ignore[attr-defined]
     assert json.loads(gen.log.since(1)[0].data)["error"]["code"] == "abandoned"  # type: ignore
@@ -231,7 +237,8 @@ async def test_nobody_following_for_the_grace_abandons_the_generation(io_loop: A
     kit.close()
 
 
-async def test_stop_cancels_the_upstream_and_ends_the_log_with_its_reason(io_loop: Any) -> None:
+@virtual_time
+async def test_stop_cancels_the_upstream_and_ends_the_log_with_its_reason() -> None:
     kit = Kit([chunk("a"), 30.0, chunk("b")])
     with capture_logs() as logs:
         gen = kit.start()
@@ -248,8 +255,8 @@ async def test_stop_cancels_the_upstream_and_ends_the_log_with_its_reason(io_loo
     kit.close()
 
 
-async def test_an_internal_failure_ends_the_log_with_an_error_and_no_detail(io_loop: Any
-                                                                            ) -> None:
+@virtual_time
+async def test_an_internal_failure_ends_the_log_with_an_error_and_no_detail() -> None:
     import httpx
 
     async def broken(request: httpx.Request) -> httpx.Response:
@@ -266,8 +273,8 @@ async def test_an_internal_failure_ends_the_log_with_an_error_and_no_detail(io_l
     kit.close()
 
 
-async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on(io_loop: Any
-                                                                               ) -> None:
+@virtual_time
+async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on() -> None:
     parts: list[Any] = [chunk("a"), 0.3, chunk("b"), chunk(finish="stop"), b"data: [DONE]\n\n"]
     kit = Kit(parts, cfg(stall=config.StallSettings(threshold_s=0.05, client_timeout_s=0.1)))
     gen = kit.start()
@@ -280,7 +287,8 @@ async def test_a_subscriber_that_stops_reading_is_dropped_and_the_others_go_on(i
     kit.close()
 
 
-async def test_a_live_log_pauses_the_upstream_until_its_reader_catches_up(io_loop: Any) -> None:
+@virtual_time
+async def test_a_live_log_pauses_the_upstream_until_its_reader_catches_up() -> None:
     big = "x" * 4096
     parts: list[Any] = [chunk(big) for _ in range(200)]
     parts += [chunk(finish="stop"), b"data: [DONE]\n\n"]
@@ -300,8 +308,8 @@ async def test_a_live_log_pauses_the_upstream_until_its_reader_catches_up(io_loo
     kit.close()
 
 
-async def test_a_closed_follower_raises_and_a_finished_log_replays_without_waiting(
-        io_loop: Any) -> None:
+@virtual_time
+async def test_a_closed_follower_raises_and_a_finished_log_replays_without_waiting() -> None:
     kit = Kit(list(GOOD))
     gen = kit.start()
     await asyncio.wait_for(gen.wait_ended(), 5)
@@ -314,8 +322,8 @@ async def test_a_closed_follower_raises_and_a_finished_log_replays_without_waiti
     kit.close()
 
 
-async def test_the_store_evicts_finished_logs_and_refuses_a_live_one_past_its_bytes(
-        io_loop: Any) -> None:
+@virtual_time
+async def test_the_store_evicts_finished_logs_and_refuses_a_live_one_past_its_bytes() -> None:
     evicted: list[int] = []
     store = MemoryStore(max_events=100, max_bytes=10_000, ttl_s=600,
                         on_evict=lambda: evicted.append(1))
@@ -333,7 +341,8 @@ async def test_the_store_evicts_finished_logs_and_refuses_a_live_one_past_its_by
     await store.close()
 
 
-async def test_a_finished_log_expires_after_its_ttl(io_loop: Any) -> None:
+@virtual_time
+async def test_a_finished_log_expires_after_its_ttl() -> None:
     now = [0.0]
     store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=10, clock=lambda: now[0])
     log = await store.create(SID)
@@ -344,6 +353,14 @@ async def test_a_finished_log_expires_after_its_ttl(io_loop: Any) -> None:
     now[0] = 10.0
     assert await store.get(SID) is None and store.bytes == 0
     await store.close()
+
+
+@virtual_time
+async def test_the_virtual_clock_jumps_to_the_next_timer() -> None:
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    await asyncio.sleep(3600)
+    assert loop.time() - started == pytest.approx(3600)
 
 
 async def until(condition: Callable[[], bool]) -> None:
