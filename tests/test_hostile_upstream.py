@@ -94,13 +94,15 @@ class Prober(threading.Thread):
                 self.slowest = max(self.slowest, took)
                 self.count += 1
 
-    def __enter__(self) -> Prober:
+    # Asynchronous, because the server under test runs on this thread's event loop: a
+    # blocking join here would leave a probe in flight unanswered until it timed out.
+    async def __aenter__(self) -> Prober:
         self.start()
         return self
 
-    def __exit__(self, *exc: object) -> None:
+    async def __aexit__(self, *exc: object) -> None:
         self.stop.set()
-        self.join(10)
+        await asyncio.to_thread(self.join, 10)
 
 
 def gaps(times: list[float]) -> float:
@@ -116,12 +118,14 @@ async def test_a_gzip_bomb_is_refused_while_healthz_and_other_streams_keep_going
     # 1 MB of gzip inflating to 256 MB: the loop froze for minutes, /healthz stopped
     # answering, and RSS grew by hundreds of MB. Compressed event streams are refused.
     async with running(upstream_url=bad.base_url(), upstream__model="normal") as r:
-        with Prober(r.url) as probe, peak_rss_growth() as growth:
-            neighbour = asyncio.create_task(stream("GET", r.url + "/v1/chat/stream?prompt=hi"))
-            async with httpx.AsyncClient(timeout=60) as client:
-                bombed = await client.post(r.url + "/v1/chat/completions", json={
-                    "model": bomb, "messages": CHAT, "stream": True})
-            got = await neighbour
+        async with Prober(r.url) as probe:
+            with peak_rss_growth() as growth:
+                neighbour = asyncio.create_task(
+                    stream("GET", r.url + "/v1/chat/stream?prompt=hi"))
+                async with httpx.AsyncClient(timeout=60) as client:
+                    bombed = await client.post(r.url + "/v1/chat/completions", json={
+                        "model": bomb, "messages": CHAT, "stream": True})
+                got = await neighbour
     assert bombed.status_code == 502
     assert bombed.json()["error"]["code"] == "upstream_protocol_error"
     assert "compressed" in bombed.json()["error"]["message"]
@@ -137,8 +141,9 @@ async def test_a_flood_of_blank_lines_times_out_as_idle_and_the_loop_keeps_answe
     # Uncompressed, at socket speed: no event ever comes, so the idle deadline holds.
     async with running(upstream_url=bad.base_url("newline-flood"),
                        upstream__idle_timeout_s=1.0) as r:
-        with Prober(r.url) as probe, peak_rss_growth() as growth:
-            got = await stream("GET", r.url + "/v1/chat/stream?prompt=hi", timeout=30)
+        async with Prober(r.url) as probe:
+            with peak_rss_growth() as growth:
+                got = await stream("GET", r.url + "/v1/chat/stream?prompt=hi", timeout=30)
     assert got.events[-1].event == "error"
     assert json.loads(got.events[-1].data)["error"]["code"] == "upstream_timeout"
     assert got.times[-1] - got.times[1] < 1.0 + 4.0  # the idle timeout plus a margin
