@@ -26,6 +26,7 @@ from . import config, handlers, httpserver, mockupstream, responses_handlers
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
+from .limiter import Limiter, RedisCounters
 from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
@@ -146,13 +147,19 @@ async def build_deps(
     metrics = metrics if metrics is not None else Metrics()
     st = settings.store
     store: Store
+    limiter = Limiter(metrics)
     if st.backend == "redis":
         from .store.redis import RedisStore  # redis-py only where it is used
 
-        store = RedisStore(url=st.redis_url, timeout_s=st.redis_timeout_s,
-                           max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
-                           running_ttl_s=settings.upstream.max_duration_s,
-                           on_error=lambda op: metrics.store_errors.labels(op).inc())
+        redis_store = store = RedisStore(
+            url=st.redis_url, timeout_s=st.redis_timeout_s, max_events=st.max_events,
+            max_bytes=st.max_bytes, ttl_s=st.ttl_s,
+            running_ttl_s=settings.upstream.max_duration_s,
+            on_error=lambda op: metrics.store_errors.labels(op).inc())
+        # Per-key limits share the store's Redis (and fall back to this process's counters
+        # while the store knows Redis is down).
+        limiter = Limiter(metrics, RedisCounters(redis_store.redis, st.redis_timeout_s),
+                          lambda: redis_store.problem)
     else:
         store = MemoryStore(max_events=st.max_events, max_bytes=st.max_bytes, ttl_s=st.ttl_s,
                             on_evict=metrics.log_evictions.inc)
@@ -161,7 +168,7 @@ async def build_deps(
     metrics.log_bytes.set_function(lambda: store.bytes)
     registry = StreamRegistry(settings.limits.max_streams, lambda: deps.settings)
     deps = Deps(settings=settings, upstream=upstream, registry=registry, store=store,
-                metrics=metrics, models=ModelCatalog(upstream))
+                metrics=metrics, models=ModelCatalog(upstream), limiter=limiter)
     registry.start()
     deps.loop_lag = LoopLagMonitor(deps.metrics.event_loop_lag.observe)
     deps.loop_lag.start()
@@ -174,6 +181,8 @@ async def close_deps(deps: Deps) -> None:
     for generation in running:
         generation.stop(Outcome.CANCELLED, ServerShutdown())
     await asyncio.gather(*(g.wait_closed() for g in running))
+    if deps.limiter is not None:
+        await deps.limiter.close()  # the permits' releases, before the store's Redis closes
     deps.registry.stop()
     if deps.loop_lag is not None:
         deps.loop_lag.stop()

@@ -128,6 +128,16 @@ class LimitsSettings:
     max_event_bytes: int = field(default=1_048_576, metadata=_range(1024, 1 << 30))
     #: Largest ``stream: false`` reply collected (UTF-8 bytes of its text): 502 above it.
     max_reply_bytes: int = field(default=8 << 20, metadata=_range(1024, 1 << 30))
+    #: Per key (see sseproxy.limits; 0: no limit): concurrent streams, requests and tokens
+    #: per ``window_s``; ``[limits.keys.NAME]`` tables override them for one key.
+    key_max_streams: int = field(default=0, metadata=_range(0, 1_000_000))
+    key_requests_per_minute: int = field(default=0, metadata=_range(0, 1 << 40))
+    key_tokens_per_minute: int = field(default=0, metadata=_range(0, 1 << 50))
+    #: The "minute" of the per-key rates (shorter only for tests).
+    window_s: float = field(default=60.0, metadata=_range(0.01, 86400))
+    #: Tokens a request without ``max_tokens`` is charged for its reply at admission (the
+    #: charge is corrected to the upstream's ``usage`` when the stream ends).
+    estimate_output_tokens: int = field(default=256, metadata=_range(0, 1 << 30))
 
 
 @dataclass(frozen=True)
@@ -208,6 +218,9 @@ class Settings:
     metrics: MetricsSettings = MetricsSettings()
     logging: LoggingSettings = LoggingSettings()
     personas: Mapping[str, Persona] = field(default_factory=lambda: dict(EXAMPLE_PERSONAS))
+    #: ``[limits.keys.NAME]`` tables: key name → the ``max_streams``,
+    #: ``requests_per_minute``, ``tokens_per_minute`` it has instead of ``limits.key_*``.
+    key_limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
     #: The file these settings were read from, if any (SIGHUP re-reads it).
     source: str | None = None
 
@@ -342,6 +355,29 @@ def _personas(raw: Any) -> dict[str, Persona]:
     return personas
 
 
+KEY_LIMIT_KEYS = ("max_streams", "requests_per_minute", "tokens_per_minute")
+
+
+def _key_limits(raw: Any) -> dict[str, dict[str, int]]:
+    """``[limits.keys.NAME]`` tables: per-key overrides of the ``limits.key_*`` defaults."""
+    if not isinstance(raw, dict):
+        raise ConfigError("limits.keys: expected a table of [limits.keys.NAME] tables")
+    out: dict[str, dict[str, int]] = {}
+    for name, table in raw.items():
+        where = f"limits.keys.{name}"
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: expected a table with {', '.join(KEY_LIMIT_KEYS)}")
+        out[name] = {}
+        for k, value in table.items():
+            if k not in KEY_LIMIT_KEYS:
+                raise ConfigError(f"unknown key '{where}.{k}'{_nearest(k, KEY_LIMIT_KEYS)}")
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ConfigError(f"{where}.{k} = {value!r}: expected an integer >= 0 "
+                                  "(0: no limit)")
+            out[name][k] = value
+    return out
+
+
 #: Largest config file read (a file this big is a mistake, not a configuration).
 MAX_CONFIG_BYTES = 16 << 20
 
@@ -423,10 +459,14 @@ def load(
 
     merged: dict[str, dict[str, tuple[Any, bool]]] = {s: {} for s in SECTIONS}
     personas = dict(EXAMPLE_PERSONAS)  # unless the file has a [personas] table
+    key_limits: dict[str, dict[str, int]] = {}
     for section, table in raw.items():
         if section == "personas":
             personas = _personas(table)
             continue
+        if section == "limits" and isinstance(table, dict) and "keys" in table:
+            table = dict(table)
+            key_limits = _key_limits(table.pop("keys"))
         if section not in SECTIONS:
             raise ConfigError(
                 f"unknown section [{section}]{_nearest(section, [*SECTIONS, 'personas'])}"
@@ -445,7 +485,7 @@ def load(
         merged[section][key] = (value, isinstance(value, str))
 
     built = {s: _build_section(s, cls, merged[s]) for s, cls in SECTIONS.items()}
-    settings = Settings(**built, personas=personas, source=path)
+    settings = Settings(**built, personas=personas, key_limits=key_limits, source=path)
     _validate(settings)
     return settings
 
@@ -485,6 +525,7 @@ def describe(settings: Settings) -> dict[str, Any]:
     """The effective settings as plain data (for ``check-config``); never includes keys."""
     out: dict[str, Any] = {s: dataclasses.asdict(getattr(settings, s)) for s in SECTIONS}
     out["personas"] = {n: dataclasses.asdict(p) for n, p in settings.personas.items()}
+    out["limits"]["keys"] = {n: dict(t) for n, t in settings.key_limits.items()}
     return out
 
 

@@ -17,6 +17,8 @@ exceptions are translated into it once, at the boundary where they happen
     │                                                          limits.max_header_bytes)
     ├── Overloaded                     overloaded             429 (an ``event: error`` on
     │                                                          EventSource URLs, never a 503)
+    ├── RateLimited                    rate_limit_exceeded    429 + Retry-After, x-ratelimit-*
+    │                                                          (``event: error`` rate_limited)
     ├── ServerShutdown                 server_shutdown        503 (mid-stream: an error event,
     │                                                          with ``retry:`` on EventSource)
     ├── StreamEnded                    (how a resumable stream was stopped; always an event)
@@ -143,6 +145,40 @@ class Overloaded(SSEProxyError):
 
     def headers(self) -> dict[str, str]:
         return {"Retry-After": "1"}
+
+
+class RateLimited(SSEProxyError):
+    """A key is over one of its limits (see :mod:`sseproxy.limits`); nothing went upstream.
+
+    The body is OpenAI's: ``type`` names the limit (``requests``, ``tokens``, ``streams``),
+    ``code`` is ``rate_limit_exceeded``; on an EventSource URL the code is ``rate_limited``
+    (see :meth:`event_object`)."""
+
+    status = 429
+    code = "rate_limit_exceeded"
+    type = "rate_limit_error"
+    retryable = True
+
+    def __init__(self, limit: str, retry_after_s: float, headers: dict[str, str]) -> None:
+        per = {"streams": "concurrent streams", "requests": "requests per minute",
+               "tokens": "tokens per minute"}.get(limit, limit)
+        super().__init__(f"Rate limit reached on {per}: try again in {retry_after_s:.3g} s")
+        self.limit = limit
+        self.retry_after_s = retry_after_s
+        self._headers = headers
+
+    def headers(self) -> dict[str, str]:
+        return dict(self._headers)
+
+    def to_body(self) -> dict[str, Any]:
+        body = super().to_body()
+        body["error"]["type"] = self.limit
+        return body
+
+    def event_object(self) -> dict[str, Any]:
+        """The data of the EventSource ``event: error``."""
+        return {"error": {"type": self.limit, "code": "rate_limited", "message": self.message,
+                          "retryable": True, "retry_after_s": round(self.retry_after_s, 3)}}
 
 
 class ServerShutdown(SSEProxyError):

@@ -54,6 +54,7 @@ class Generation:
         "_pacer", "_paced", "upstream_watch", "_chat", "_usage", "_finish", "_accepted",
         "_open_error", "_task", "_running", "_upstream_done", "_timer", "_backlog", "_paused",
         "_stop_reason", "_halt", "_ended", "on_end", "orphan_since", "detached",
+        "received_chars",
     )
 
     def __init__(
@@ -103,6 +104,13 @@ class Generation:
         self.orphan_since: float | None = None
         #: Runs to its end whether anybody follows it or not (a background response).
         self.detached = False
+        #: Characters of text the upstream sent (the token estimate when it sends no usage).
+        self.received_chars = 0
+
+    @property
+    def usage(self) -> Mapping[str, Any] | None:
+        """The upstream's ``usage``, once it sent it."""
+        return self._usage
 
     @property
     def model(self) -> str | None:
@@ -183,6 +191,7 @@ class Generation:
         text = delta.content
         if not text:
             return
+        self.received_chars += len(text)
         try:
             if self._paced:
                 now = self._loop.time()

@@ -30,6 +30,8 @@ from . import __version__, errors, models, sse, validate
 from .config import Settings
 from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
 from .generation import Generation
+from .limiter import Limiter, Permit
+from .limits import ANONYMOUS
 from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
@@ -62,6 +64,8 @@ class Deps:
     models: ModelCatalog
     #: Measures the event loop's lag (one per process, started with the app).
     loop_lag: LoopLagMonitor | None = None
+    #: Per-key limits (None: none).
+    limiter: Limiter | None = None
 
 
 def new_stream_id() -> str:
@@ -132,6 +136,8 @@ class StreamingHandler(BaseHandler):
     cancel_on_leave = False
     _left = False
     _close_when_done = False
+    #: This request's hold on its key's limits, from admission until the generation ends.
+    permit: Permit | None = None
 
     def compute_etag(self) -> str | None:
         return None
@@ -180,6 +186,8 @@ class StreamingHandler(BaseHandler):
             log_ = await self.deps.store.create(stream_id, retained=retained)
         except errors.StoreUnavailable as exc:
             self.rejected(exc)
+            if self.permit is not None:
+                self.permit.release()
             raise
         settings = self.cfg
         if req.pacing_off:
@@ -188,8 +196,26 @@ class StreamingHandler(BaseHandler):
                                 record=record, settings=settings,
                                 request_id=self.request_id)
         self.generation = generation
-        self.deps.registry.add(generation)
+        self.deps.registry.add(generation, self.permit)
         return generation
+
+    async def take_permit(self, req: validate.ChatRequest) -> errors.RateLimited | None:
+        """Admit ``req`` against its key's limits (see :mod:`sseproxy.limiter`), before
+        anything goes upstream, and set the ``x-ratelimit-*`` headers; the refusal (counted
+        as rejected) when it is over one. The key is ``current_user`` (its name), or
+        :data:`~sseproxy.limits.ANONYMOUS` without authentication."""
+        if self.deps.limiter is None:
+            return None
+        try:
+            self.permit = await self.deps.limiter.acquire(
+                str(self.current_user or ANONYMOUS), req, self.cfg)
+        except errors.RateLimited as exc:
+            self.rejected(exc)
+            return exc
+        if self.permit is not None:
+            for name, value in self.permit.headers.items():
+                self.set_header(name, value)
+        return None
 
     async def follow(self, log_: EventLog, after: int, frames: Frames,
                      record: StreamRecord) -> Ended:
@@ -259,6 +285,13 @@ class StreamingHandler(BaseHandler):
             self.send_error_object(refusal)
             return None
         return req
+
+    async def over_limit(self, req: validate.ChatRequest) -> bool:
+        """Whether ``req`` is refused by its key's limits (then answered ``429``)."""
+        refusal = await self.take_permit(req)
+        if refusal is not None and not self._left:
+            self.send_error_object(refusal)
+        return refusal is not None
 
     async def upstream_accepted(self, generation: Generation) -> bool:
         """Wait for the upstream's answer to ``generation``; when it refused, answer with its
@@ -413,7 +446,7 @@ class ChatCompletionsHandler(StreamingHandler):
             return
         req = self.accept(lambda: validate.chat_completion(bytes(self._body), self.cfg),
                           too_large=self._too_large, resumable=False)
-        if req is None:
+        if req is None or await self.over_limit(req):
             return
         stream_id = new_stream_id()
         generation = await self.new_generation(req, stream_id, retained=False)
@@ -510,7 +543,9 @@ class ChatStreamHandler(StreamingHandler):
         frames = EventSourceFrames(stream_id, self.cfg.server.retry_ms)
         self.start_stream()
         self.set_header("X-Stream-ID", stream_id)
-        refusal = self.admit()
+        refusal: errors.SSEProxyError | None = self.admit()
+        if refusal is None:
+            refusal = await self.take_permit(req)
         generation = None
         if refusal is None:
             try:
@@ -521,12 +556,20 @@ class ChatStreamHandler(StreamingHandler):
             # Never a bare 503 on an EventSource URL: the browser would not say why.
             assert self.sink is not None and refusal is not None
             try:
-                await self.sink.send(frames.opening() + frames.error(refusal))
+                await self.sink.send(frames.opening() + self.refusal_event(frames, refusal))
             except ClientGone:
                 pass
             self.finish_quietly()
             return
         await self.follow(generation.log, 0, frames, generation.record)
+
+    def refusal_event(self, frames: EventSourceFrames, refusal: errors.SSEProxyError) -> bytes:
+        """A refusal as an event; over a key's limit: ``rate_limited`` without an id, its
+        ``retry:`` the wait, so EventSource asks again (afresh) once it may pass."""
+        if not isinstance(refusal, errors.RateLimited):
+            return frames.error(refusal)
+        retry_ms = max(1, int(refusal.retry_after_s * 1000 + 0.999))
+        return sse.encode(dumps(refusal.event_object()), event="error", retry=retry_ms)
 
 
 class StreamsHandler(StreamingHandler):
@@ -538,7 +581,7 @@ class StreamsHandler(StreamingHandler):
         body = self.request.body
         req = self.accept(lambda: validate.stream_start(body, self.cfg),
                           too_large=len(body) > self.cfg.limits.max_body_bytes)
-        if req is None:
+        if req is None or await self.over_limit(req):
             return
         stream_id = new_stream_id()
         try:

@@ -48,7 +48,9 @@ UPSTREAM_STATUSES = ("2xx", "3xx", "4xx", "429", "5xx", "unreachable", "timeout"
                      "protocol_error")
 RELOAD_RESULTS = ("ok", "error")
 #: Operations on the shared event store (see sseproxy.store.redis).
-STORE_OPS = ("create", "get", "cancel", "write", "read")
+STORE_OPS = ("create", "get", "cancel", "write", "read", "limits")
+#: ``limit`` of a refused request (see sseproxy.limits); never a key name (unbounded).
+RATE_LIMITS = ("streams", "requests", "tokens")
 
 TTFT_BUCKETS = (0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 1.5, 2.0, 3.0, 5.0, 7.5, 10.0, 15.0,
                 20.0, 30.0, 60.0, 120.0)
@@ -233,6 +235,10 @@ class Metrics:
             "sseproxy_store_errors",
             "Calls to the shared event store (Redis) that failed or timed out, by operation.",
             ["op"], registry=r)
+        self.rate_limited = Counter(
+            "sseproxy_rate_limited",
+            "Requests refused because their key was over one of its limits, by limit.",
+            ["limit"], registry=r)
         self.event_loop_lag = Histogram(
             "sseproxy_event_loop_lag_seconds",
             "How much later than due a periodic timer ran: time the event loop was blocked.",
@@ -254,6 +260,8 @@ class Metrics:
             self.config_reloads.labels(result)
         for op in STORE_OPS:
             self.store_errors.labels(op)
+        for limit in RATE_LIMITS:
+            self.rate_limited.labels(limit)
 
     def exposition(self) -> tuple[bytes, str]:
         """The registry in the Prometheus text format, with its content type."""

@@ -2,6 +2,9 @@
 
 * **Admission** — a generation takes one of ``limits.max_streams`` slots from when it is
   admitted until its final event is in the log; none is given while the process drains.
+  Its key's permit (:class:`~sseproxy.limiter.Permit`) is released at the same moment,
+  once, with the tokens the stream used: after the paced drain, however it ended, and
+  whether a client still follows it or not (a background response runs on without one).
 * **Lookup** — running generations by stream id (``DELETE /v1/streams/{id}``).
 * **The sweep** — one timer per process, every quarter of the shortest threshold
   (20–250 ms), whatever the number of streams: stall episodes on both sides; subscribers
@@ -25,6 +28,7 @@ import structlog
 from . import errors
 from .config import Settings
 from .generation import Generation
+from .limiter import Permit
 from .record import Outcome, StreamRecord, outcome_of
 from .subscriber import Subscriber
 
@@ -41,6 +45,8 @@ class StreamRegistry:
         self.subscribers: set[Subscriber] = set()
         #: Records of streams still open (running, or followed after their generation).
         self.records: dict[str, StreamRecord] = {}
+        #: The key permits of running generations.
+        self.permits: dict[str, Permit] = {}
         #: Set when the process is shutting down: /readyz fails, new streams are refused.
         self.draining = False
         self._loop = asyncio.get_running_loop()
@@ -59,9 +65,12 @@ class StreamRegistry:
         if len(self.generations) >= self.limit:
             raise errors.Overloaded(self.limit)
 
-    def add(self, generation: Generation) -> None:
-        """Run ``generation`` in a slot (after :meth:`check_admission`)."""
+    def add(self, generation: Generation, permit: Permit | None = None) -> None:
+        """Run ``generation`` in a slot (after :meth:`check_admission`), holding ``permit``
+        until it ends."""
         self.generations[generation.stream_id] = generation
+        if permit is not None:
+            self.permits[generation.stream_id] = permit
         self.records[generation.stream_id] = generation.record
         generation.on_end = self._generation_ended
         generation.start()
@@ -72,6 +81,11 @@ class StreamRegistry:
     def _generation_ended(self, generation: Generation) -> None:
         if self.generations.get(generation.stream_id) is generation:
             del self.generations[generation.stream_id]
+        permit = self.permits.pop(generation.stream_id, None)
+        if permit is not None:
+            status = generation.record.upstream_status
+            permit.release(generation.usage, generation.received_chars,
+                           answered=status is not None and 200 <= status < 300)
         if generation.log.subscribers == 0:
             self._close(generation.record)
 

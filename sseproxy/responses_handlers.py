@@ -112,7 +112,7 @@ class ResponsesHandler(ChatCompletionsHandler):
         req = self.accept(lambda: validate.responses_create(bytes(self._body), self.cfg),
                           too_large=self._too_large,
                           resumable=lambda req: req.background)
-        if req is None:
+        if req is None or await self.over_limit(req.chat):
             return
         response_id = "resp_" + new_stream_id()
         # A foreground response ends with its client; a background one runs on regardless.
