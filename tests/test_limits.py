@@ -134,7 +134,7 @@ def test_the_limit_named_is_the_one_with_the_longest_wait() -> None:
     assert limits.admit(state, key, 60, "a", 0.0, W, 100.0).admitted
     refused = limits.admit(state, key, 30, "b", 0.0, W, 100.0)
     # requests: 1 s to wait; tokens: 30 s
-    assert (refused.limit, refused.retry_after_s) == ("tokens", pytest.approx(30.0))
+    assert refused.limit == "tokens" and refused.retry_after_s == pytest.approx(30.0)
 
 
 def test_headers_report_both_budgets_and_retry_after_in_whole_seconds() -> None:
@@ -224,7 +224,7 @@ def test_a_key_without_limits_gets_no_permit_and_no_headers() -> None:
 
 
 def test_the_estimate_counts_the_persona_prompt_and_max_completion_tokens() -> None:
-    messages = [{"role": "system", "content": "y" * 8},
+    messages: list[dict[str, Any]] = [{"role": "system", "content": "y" * 8},
                 {"role": "user", "content": [{"type": "text", "text": "x" * 8}]}]
     assert limits.prompt_chars(messages) == 16
     assert math.ceil(16 / limits.CHARS_PER_TOKEN) == limits.tokens_of(16)
