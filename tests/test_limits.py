@@ -224,7 +224,8 @@ def test_a_key_without_limits_gets_no_permit_and_no_headers() -> None:
 
 
 def test_the_estimate_counts_the_persona_prompt_and_max_completion_tokens() -> None:
-    messages: list[dict[str, Any]] = [{"role": "system", "content": "y" * 8},
-                {"role": "user", "content": [{"type": "text", "text": "x" * 8}]}]
+    messages: list[dict[str, Any]] = [
+        {"role": "system", "content": "y" * 8},
+        {"role": "user", "content": [{"type": "text", "text": "x" * 8}]}]
     assert limits.prompt_chars(messages) == 16
     assert math.ceil(16 / limits.CHARS_PER_TOKEN) == limits.tokens_of(16)
