@@ -171,7 +171,7 @@ async def test_an_upstream_error_status_before_the_first_token_is_an_http_error(
 
 async def test_an_upstream_that_does_not_answer_in_time_is_a_504(io_loop: Any) -> None:
     scenario = Scenario(header_delay_s=30)
-    async with running(upstream__first_token_timeout_s=0.3) as r:
+    async with running(upstream__first_token_timeout_s=2.0) as r:
         client = sdk(r)
         with pytest.raises(openai.APIStatusError) as raised:
             await client.responses.create(model=scenario.to_model(), input="hi", stream=True)
@@ -181,7 +181,7 @@ async def test_an_upstream_that_does_not_answer_in_time_is_a_504(io_loop: Any) -
 
 async def test_a_first_token_that_never_comes_ends_the_response_failed(io_loop: Any) -> None:
     scenario = Scenario(first_delay_s=30)
-    async with running(upstream__first_token_timeout_s=0.3) as r:
+    async with running(upstream__first_token_timeout_s=2.0) as r:
         client = sdk(r)
         events = await collect(await client.responses.create(
             model=scenario.to_model(), input="hi", stream=True))
