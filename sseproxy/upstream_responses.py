@@ -161,7 +161,8 @@ class ResponsesDecoder:
             self.done = True
             details = response.get("incomplete_details")
             reason = details.get("reason") if isinstance(details, dict) else None
-            finish = "stop" if kind == "response.completed" else _FINISH.get(reason, "length")
+            finish = "stop" if kind == "response.completed" else \
+                _FINISH.get(reason, "length") if isinstance(reason, str) else "length"
             return Delta(finish_reason=finish, usage=chat_usage(response.get("usage")),
                          event=relayed)
         if kind in _FAILS:
