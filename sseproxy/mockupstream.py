@@ -20,6 +20,16 @@ Endpoints
     ``chat.completion`` body, sent when the whole generation would have finished.
     A body that is not JSON, or lacks ``model`` or ``messages``, is ``400`` with
     OpenAI's error shape ``{"error": {"message", "type", "code", "param"}}``.
+``POST /v1/responses``
+    The same knobs, answered as OpenAI's Responses API (``model``, ``input``,
+    ``instructions``, ``max_output_tokens``, ``stream``; other parameters are echoed or
+    ignored): with ``stream: true`` ``response.created``, ``response.in_progress``,
+    ``response.output_item.added``, ``response.content_part.added``, one
+    ``response.output_text.delta`` per token (``sequence_number``, ``obfuscation``), then
+    ``response.output_text.done``, ``response.content_part.done``,
+    ``response.output_item.done`` and ``response.completed`` (``response.incomplete`` past
+    ``max_output_tokens``) with the usage; ``error_at`` sends ``response.failed``;
+    without ``stream``, the response object. It counts in the same stats.
 ``GET /v1/models``
     The one model, ``mock``.
 ``GET /mock/stats``, ``POST /mock/reset``
