@@ -68,9 +68,11 @@ class UpstreamSettings:
     kind: str = field(default="mock", metadata=_choice("mock", "openai", "local"))
     base_url: str = ""
     #: The API the upstream speaks: ``chat_completions`` (``{base_url}/chat/completions``;
-    #: sseproxy produces the Responses API's events itself). Relaying an upstream's own
-    #: ``/responses`` events is not built yet, so that is the one value.
-    api: str = field(default="chat_completions", metadata=_choice("chat_completions"))
+    #: sseproxy produces the Responses API's events itself) or ``responses``
+    #: (``{base_url}/responses``; its events are relayed to ``/v1/responses`` clients and
+    #: translated for every other endpoint).
+    api: str = field(default="chat_completions",
+                     metadata=_choice("chat_completions", "responses"))
     api_key_env: str = "OPENAI_API_KEY"
     model: str = "gpt-4o-mini"
     connect_timeout_s: float = field(default=10.0, metadata=_range(0.001, 600))

@@ -7,6 +7,11 @@ timer per stream releases the queued pieces at their due time. When the upstream
 the pacer still holds is drained within ``pacing.drain_s`` and the log ends with exactly
 one ``done`` or ``error`` event.
 
+A ``/v1/responses`` stream whose upstream speaks the Responses API (:attr:`Generation.relay`)
+also gets the upstream's own events into its log (a delta's ``event``). Such an event must
+not overtake text the pacer still holds: while the pacer holds text, it waits (with every
+delta after it) in a short queue, which moves on as the pacer empties.
+
 Backpressure pauses the upstream socket (its TCP window fills) in two cases: the pacer
 holds more than :data:`PACER_HIGH_WATER` characters not yet released, or a live log (one
 reader, ``POST /v1/chat/completions``) holds more than its high-water mark unread. A
@@ -21,6 +26,7 @@ and closed, the received text is drained, and the reason becomes the final event
 from __future__ import annotations
 
 import asyncio
+from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
@@ -54,7 +60,7 @@ class Generation:
         "_pacer", "_paced", "upstream_watch", "_chat", "_usage", "_finish", "_accepted",
         "_open_error", "_task", "_running", "_upstream_done", "_timer", "_backlog", "_paused",
         "_stop_reason", "_halt", "_ended", "on_end", "orphan_since", "detached",
-        "received_chars",
+        "received_chars", "relay", "_held",
     )
 
     def __init__(
@@ -106,6 +112,10 @@ class Generation:
         self.detached = False
         #: Characters of text the upstream sent (the token estimate when it sends no usage).
         self.received_chars = 0
+        #: The upstream's own Responses events go into the log too (see the module doc).
+        self.relay = False
+        #: Deltas waiting behind text the pacer holds (an event came while it held some).
+        self._held: deque[Delta] = deque()
 
     @property
     def usage(self) -> Mapping[str, Any] | None:
@@ -167,7 +177,11 @@ class Generation:
     # -- the upstream ------------------------------------------------------------------
 
     async def _pump(self) -> None:
-        self._chat = chat = self.upstream.open(self.body, request_id=self.request_id)
+        if self.relay:
+            chat = self.upstream.open(self.body, request_id=self.request_id, relay=True)
+        else:
+            chat = self.upstream.open(self.body, request_id=self.request_id)
+        self._chat = chat
         chat.waits = self.upstream_watch
         try:
             await chat.connect()
@@ -188,6 +202,9 @@ class Generation:
         if delta.role is not None and self.log.role is None:
             self.log.role = delta.role
             self.log.touch()
+        if delta.event is not None or self._held:
+            self._hold(delta)
+            return
         text = delta.content
         if not text:
             return
@@ -225,6 +242,8 @@ class Generation:
             self.log.append(TEXT, piece.text)
             self._backlog -= len(piece.text)
             self.record.released(max(0.0, now - piece.arrived))
+        if self._held and not pacer.pending:
+            self._unhold(now)
         if self._paused:
             self.on_space()
         due = pacer.next_due()
@@ -293,6 +312,17 @@ class Generation:
     async def _drain(self) -> None:
         """Release what the pacer holds, on its schedule (within ``pacing.drain_s``)."""
         pacer = self._pacer
+        while self._held and not self._halt.done():  # held text still goes through the pacer
+            due = pacer.next_due()
+            if due is not None:
+                try:
+                    await asyncio.wait_for(asyncio.shield(self._halt), due - self._loop.time())
+                except TimeoutError:
+                    pass
+            try:
+                self._release(self._loop.time())
+            except errors.LogFull:
+                return
         pacer.finish(self._loop.time())
         while pacer.pending and not self._halt.done():
             due = pacer.next_due()
@@ -308,6 +338,45 @@ class Generation:
                 self._release(self._loop.time())
             except errors.LogFull:
                 break
+
+    # -- relayed events ----------------------------------------------------------------
+
+    def _hold(self, delta: Delta) -> None:
+        """Queue ``delta`` (an event, or text after one) behind what the pacer holds; take
+        it in at once when the pacer holds nothing."""
+        self._held.append(delta)
+        self._backlog += len(delta.content)
+        if not self._pacer.pending:
+            try:
+                self._release(self._loop.time())
+            except errors.LogFull as exc:
+                self.stop(outcome_of(exc), exc)
+                return
+        if self._backlog > PACER_HIGH_WATER and not self._paused and self._chat is not None:
+            self._paused = True
+            self._chat.pause()
+
+    def _unhold(self, now: float) -> None:
+        """Move held deltas on, in order, while the pacer holds no text: an event goes into
+        the log, text into the pacer (which may then hold it, and stop the queue)."""
+        held, pacer = self._held, self._pacer
+        while held and not pacer.pending:
+            delta = held.popleft()
+            self._backlog -= len(delta.content)
+            if delta.event is not None:
+                self.log.append(*delta.event)
+            if not delta.content:
+                continue
+            if self._paced:
+                self._backlog += len(delta.content)
+                pacer.push(delta.content, now)
+                for piece in pacer.pull(now):  # the caller (_release) arms the timer
+                    self.log.append(TEXT, piece.text)
+                    self._backlog -= len(piece.text)
+                    self.record.released(max(0.0, now - piece.arrived))
+            else:
+                self.log.append(TEXT, delta.content)
+                self.record.released(0.0)
 
     def _append_final(self, error: errors.SSEProxyError | None) -> None:
         if self.log.ended:

@@ -20,6 +20,16 @@ Endpoints
     ``chat.completion`` body, sent when the whole generation would have finished.
     A body that is not JSON, or lacks ``model`` or ``messages``, is ``400`` with
     OpenAI's error shape ``{"error": {"message", "type", "code", "param"}}``.
+``POST /v1/responses``
+    The same knobs, answered as OpenAI's Responses API (``model``, ``input``,
+    ``instructions``, ``max_output_tokens``, ``stream``; other parameters are echoed or
+    ignored): with ``stream: true`` ``response.created``, ``response.in_progress``,
+    ``response.output_item.added``, ``response.content_part.added``, one
+    ``response.output_text.delta`` per token (``sequence_number``, ``obfuscation``), then
+    ``response.output_text.done``, ``response.content_part.done``,
+    ``response.output_item.done`` and ``response.completed`` (``response.incomplete`` past
+    ``max_output_tokens``) with the usage; ``error_at`` sends ``response.failed``;
+    without ``stream``, the response object. It counts in the same stats.
 ``GET /v1/models``
     The one model, ``mock``.
 ``GET /mock/stats``, ``POST /mock/reset``
@@ -102,7 +112,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from typing import Any, Final, Literal
 from urllib.parse import quote, unquote_plus
 
@@ -564,6 +574,112 @@ class _Frames:
     def usage(self, usage: dict[str, int]) -> bytes:
         return (self.head + '[],"usage":' + _dumps(usage) + "}\n\n").encode()
 
+    def token(self, i: int, text: bytes) -> tuple[bytes, ...]:
+        """Token ``i``'s frame, in pieces (``text``: its JSON string, or the stamp slot)."""
+        return (self.token_prefix, text, self.token_suffix)
+
+    def error(self, error: dict[str, str], sent: int) -> bytes:
+        return b"data: " + _dumps({"error": error}).encode() + b"\n\n"
+
+    def ending(self, request: _ChatRequest, count: int) -> list[bytes]:
+        out = [self.finish]
+        if request.include_usage:
+            out.append(self.usage(_usage(request.prompt_tokens, count)))
+        out.append(_DONE)
+        return out
+
+
+class _ResponseFrames:
+    """The events of one ``/v1/responses`` stream, as OpenAI sends them for a text reply."""
+
+    def __init__(self, request: _ChatRequest, response_id: str, tokens: _Tokens,
+                 finish: str) -> None:
+        self.request = request
+        self.item_id = "msg_" + response_id.removeprefix("resp_")
+        self.tokens = tokens
+        self.finish = finish
+        self.response = _response_object(request, response_id, "in_progress")
+        where = f'"item_id":{_dumps(self.item_id)},"output_index":0,"content_index":0'
+        self.token_prefix = ('event: response.output_text.delta\ndata: {"type":'
+                             '"response.output_text.delta",' + where + ',"delta":').encode()
+        self.role = b"".join(self._events(0, [
+            ("response.created", {"response": self.response}),
+            ("response.in_progress", {"response": self.response}),
+            ("response.output_item.added", {"output_index": 0, "item": self._item("")}),
+            ("response.content_part.added", {"item_id": self.item_id, "output_index": 0,
+                                             "content_index": 0, "part": _part("")}),
+        ]))
+
+    def _item(self, text: str | None, status: str = "in_progress") -> dict[str, Any]:
+        return {"id": self.item_id, "type": "message", "status": status, "role": "assistant",
+                "content": [] if not text else [_part(text)]}
+
+    def _events(self, first: int, events: list[tuple[str, dict[str, Any]]]) -> list[bytes]:
+        return [f"event: {kind}\ndata: ".encode()
+                + _dumps({"type": kind, "sequence_number": first + i, **body}).encode()
+                + b"\n\n" for i, (kind, body) in enumerate(events)]
+
+    def token(self, i: int, text: bytes) -> tuple[bytes, ...]:
+        pad = "x" * (16 - len(text) % 16)
+        return (self.token_prefix, text,
+                b',"logprobs":[],"obfuscation":"%s","sequence_number":%d}\n\n'
+                % (pad.encode(), 4 + i))
+
+    def error(self, error: dict[str, str], sent: int) -> bytes:
+        failed = dict(self.response, status="failed",
+                      error={"code": error["code"], "message": error["message"]})
+        return self._events(4 + sent, [("response.failed", {"response": failed})])[0]
+
+    def ending(self, request: _ChatRequest, count: int) -> list[bytes]:
+        text = self.tokens.content
+        done = "completed" if self.finish == "stop" else "incomplete"
+        final = _response_object(request, self.response["id"], done, text,
+                                 _usage(request.prompt_tokens, count))
+        final["created_at"] = self.response["created_at"]
+        where = {"item_id": self.item_id, "output_index": 0, "content_index": 0}
+        return self._events(4 + count, [
+            ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+            ("response.content_part.done", {**where, "part": _part(text)}),
+            ("response.output_item.done", {"output_index": 0, "item": final["output"][0]}),
+            (f"response.{done}", {"response": final}),
+        ])
+
+
+def _part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _response_object(request: _ChatRequest, response_id: str, status: str,
+                     text: str | None = None,
+                     usage: dict[str, int] | None = None) -> dict[str, Any]:
+    """A response object as OpenAI sends it (``usage`` in chat shape, converted here)."""
+    item_id = "msg_" + response_id.removeprefix("resp_")
+    output = []
+    if text is not None:
+        output = [{"id": item_id, "type": "message", "role": "assistant",
+                   "status": "completed" if status == "completed" else "incomplete",
+                   "content": [_part(text)]}]
+    params = request.params
+    return {
+        "id": response_id, "object": "response", "created_at": int(time.time()),
+        "status": status, "background": False, "error": None,
+        "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete"
+        else None,
+        "instructions": params.get("instructions"),
+        "max_output_tokens": params.get("max_output_tokens"), "model": request.model,
+        "output": output, "parallel_tool_calls": True,
+        "temperature": params.get("temperature", 1.0), "text": {"format": {"type": "text"}},
+        "tool_choice": "auto", "tools": [], "top_p": params.get("top_p", 1.0),
+        "truncation": "disabled", "metadata": params.get("metadata") or {},
+        "store": params.get("store", True), "user": params.get("user"),
+        "usage": None if usage is None else {
+            "input_tokens": usage["prompt_tokens"],
+            "input_tokens_details": {"cached_tokens": 0},
+            "output_tokens": usage["completion_tokens"],
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": usage["total_tokens"]},
+    }
+
 
 def _usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
     return {
@@ -592,6 +708,8 @@ class _ChatRequest:
     prompt: str  # the last user message's text
     prompt_tokens: int
     max_tokens: int | None = None  # the smaller of max_tokens and max_completion_tokens
+    #: A Responses request's parameters echoed in the response object.
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 def _message_text(message: dict[str, Any]) -> str:
@@ -672,6 +790,55 @@ def _parse_chat_request(body: bytes) -> _ChatRequest:
         prompt=users[-1] if users else "",
         prompt_tokens=sum(len(_words(t)) for t in texts),
         max_tokens=min(limits, default=None),
+    )
+
+
+#: Responses parameters the simulator echoes in its response objects.
+_ECHOED: Final = ("instructions", "max_output_tokens", "temperature", "top_p", "metadata",
+                  "store", "user")
+
+
+def _parse_responses_request(body: bytes) -> _ChatRequest:
+    """A ``POST /v1/responses`` body, as the chat request it would be."""
+    try:
+        request = json.loads(body)
+    except ValueError as exc:
+        raise _BadRequest(
+            f"We could not parse the JSON body of your request ({exc}).", "invalid_json"
+        ) from None
+    if not isinstance(request, dict):
+        raise _BadRequest("The request body must be a JSON object.", "invalid_type")
+    model = request.get("model")
+    if not isinstance(model, str):
+        raise _BadRequest("Missing required parameter: 'model'.", "missing_required_parameter")
+    given = request.get("input")
+    if isinstance(given, str):
+        items: list[Any] = [{"role": "user", "content": given}]
+    elif isinstance(given, list) and given:
+        items = given
+    else:
+        raise _BadRequest("Missing required parameter: 'input'.", "missing_required_parameter")
+    if not all(isinstance(m, dict) and isinstance(m.get("role"), str) for m in items):
+        raise _BadRequest("Invalid 'input': expected message items with a 'role'.",
+                          "invalid_type")
+    limit = request.get("max_output_tokens")
+    if limit is not None and (isinstance(limit, bool) or not isinstance(limit, int)
+                              or limit < 1):
+        raise _BadRequest("Invalid 'max_output_tokens': expected an integer >= 1.",
+                          "invalid_type")
+    texts = [_message_text(m) for m in items]
+    instructions = request.get("instructions")
+    if isinstance(instructions, str):
+        texts.append(instructions)
+    users = [text for m, text in zip(items, texts) if m["role"] == "user"]
+    return _ChatRequest(
+        model=model,
+        stream=request.get("stream") is True,
+        include_usage=True,
+        prompt=users[-1] if users else "",
+        prompt_tokens=sum(len(_words(t)) for t in texts),
+        max_tokens=limit,
+        params={k: request[k] for k in _ECHOED if request.get(k) is not None},
     )
 
 
@@ -786,9 +953,12 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             self.stats.open -= 1
             self.stats.count(outcome)
 
+    parse = staticmethod(_parse_chat_request)
+    id_prefix = "chatcmpl-mock-"
+
     async def _respond(self) -> Outcome:
         try:
-            request = _parse_chat_request(self.request.body)
+            request = self.parse(self.request.body)
         except _BadRequest as exc:
             self.send_json(400, _error_body(exc.message, "invalid_request_error", exc.code))
             return "errors"
@@ -809,7 +979,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
         finish = "stop"
         if request.max_tokens is not None and len(tokens.texts) > request.max_tokens:
             tokens, finish = tokens.cut(request.max_tokens), "length"
-        chunk_id = f"chatcmpl-mock-{next(self.ids)}"
+        chunk_id = f"{self.id_prefix}{next(self.ids)}"
         if request.stream:
             return await self._stream(scenario, request, tokens, chunk_id, finish)
         return await self._complete(scenario, request, tokens, chunk_id, finish)
@@ -870,8 +1040,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             if not await self._sleep(scenario.first_delay_s):
                 return "cancelled"
 
-        frames = _Frames(chunk_id, int(time.time()), request.model, request.include_usage,
-                         finish)
+        frames = self._frames(request, chunk_id, tokens, finish)
         pending = [frames.role]
         self.stamping = scenario.stamp
         texts = (_STAMP_SLOT,) * len(tokens.json) if scenario.stamp else tokens.json
@@ -898,7 +1067,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
                         continue
                     upto = min(stop, due)
                 for i in range(sent, upto):
-                    pending.extend((frames.token_prefix, texts[i], frames.token_suffix))
+                    pending.extend(frames.token(i, texts[i]))
                     if burst:
                         held += tokens.sizes[i]
                         if held >= burst:
@@ -921,8 +1090,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
                     return "cancelled"
                 start = resume - sent * period
             if mark == scenario.error_at:
-                pending.append(b"data: " + _dumps({"error": _stream_error(scenario)}).encode())
-                pending.append(b"\n\n")
+                pending.append(frames.error(_stream_error(scenario), sent))
             if mark == scenario.drop_at:
                 await self._send(pending)
                 self._drop()
@@ -935,10 +1103,7 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             return "cancelled"
 
         if not scenario.no_done:
-            pending.append(frames.finish)
-            if request.include_usage:
-                pending.append(frames.usage(_usage(request.prompt_tokens, count)))
-            pending.append(_DONE)
+            pending.extend(frames.ending(request, count))
         await self._send(pending)
         self.finish()
         return "completed"
@@ -965,7 +1130,18 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             self.send_json(500, _error_body(message, type_, code))
             return "errors"
         content = f"{time.monotonic_ns()} " * count if scenario.stamp else tokens.content
-        body = {
+        body = self._body(request, chunk_id, content, finish, count)
+        self.send_json(200, _dumps(body).encode())
+        return "completed"
+
+    def _frames(self, request: _ChatRequest, chunk_id: str, tokens: _Tokens,
+                finish: str) -> _Frames | _ResponseFrames:
+        return _Frames(chunk_id, int(time.time()), request.model, request.include_usage,
+                       finish)
+
+    def _body(self, request: _ChatRequest, chunk_id: str, content: str, finish: str,
+              count: int) -> dict[str, Any]:
+        return {
             "id": chunk_id,
             "object": "chat.completion",
             "created": int(time.time()),
@@ -977,8 +1153,23 @@ class _ChatCompletionsHandler(_OpenAIHandler):
             }],
             "usage": _usage(request.prompt_tokens, count),
         }
-        self.send_json(200, _dumps(body).encode())
-        return "completed"
+
+
+class _ResponsesHandler(_ChatCompletionsHandler):
+    """``POST /v1/responses``: the same knobs, OpenAI's Responses events."""
+
+    parse = staticmethod(_parse_responses_request)
+    id_prefix = "resp_mock"
+
+    def _frames(self, request: _ChatRequest, chunk_id: str, tokens: _Tokens,
+                finish: str) -> _Frames | _ResponseFrames:
+        return _ResponseFrames(request, chunk_id, tokens, finish)
+
+    def _body(self, request: _ChatRequest, chunk_id: str, content: str, finish: str,
+              count: int) -> dict[str, Any]:
+        status = "completed" if finish == "stop" else "incomplete"
+        return _response_object(request, chunk_id, status, content,
+                                _usage(request.prompt_tokens, count))
 
 
 # ---------------------------------------------------------------------------
@@ -997,6 +1188,7 @@ def make_app(
     return tornado.web.Application(
         [
             (r"/v1/chat/completions", _ChatCompletionsHandler, chat),
+            (r"/v1/responses", _ResponsesHandler, chat),
             (r"/v1/models", _ModelsHandler),
             (r"/mock/stats", _StatsHandler, {"stats": stats}),
             (r"/mock/reset", _ResetHandler, {"stats": stats}),

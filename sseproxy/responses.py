@@ -29,6 +29,22 @@ a cancelled response ends with ``response.failed`` whose response has status
 ``cancelled`` (OpenAI's SDK knows no ``response.cancelled`` event); ``obfuscation`` pads
 each delta to a multiple of 16 bytes with random letters.
 
+Relaying an upstream that speaks the Responses API (``upstream.api = "responses"``), the
+log starts with a ``relay_meta`` event (the response object as created) instead, then holds
+the upstream's own events (``relayed``, see :mod:`sseproxy.upstream_responses`), the paced
+text, ``part`` events naming the content part the text after them belongs to, and the final
+event. Each ``relayed`` event is sent as it came, in order, with its ``sequence_number``
+renumbered, its ``response`` carrying sseproxy's response id (and ``background``, ``store``,
+``instructions``, ``metadata``, ``user`` as the client asked, and on ``response.created``
+its ``status``, ``queued`` when in the background: the upstream request is a plain stream
+and never carries a persona's prompt), and ``obfuscation`` dropped when the
+client asked for none; each text event becomes one ``response.output_text.delta`` of the
+current part, with ``obfuscation`` computed for that piece. Sequence numbers then count the
+events actually sent (0, 1, 2, …), still a function of the log alone. The final event
+becomes nothing when the upstream's own terminal event (``response.completed``,
+``response.incomplete``, ``response.failed``, ``error``) was relayed, else
+``response.failed`` (a connection broken mid-reply, a timeout, a cancel).
+
 Pure: a format builds bytes and never writes or waits (randomness comes in as ``rng``).
 """
 
@@ -46,9 +62,17 @@ from .errors import SSEProxyError
 from .frames import error_object
 from .store import DONE, ERROR, TEXT, Event
 from .upstream import Delta
+from .upstream_responses import PART, RELAYED
 
 #: The kind of a Responses stream's first log event: the response object as created.
 META = "meta"
+#: The same, for a stream that relays an upstream's own Responses events.
+RELAY_META = "relay_meta"
+#: Upstream events after which the response is over (the final log event adds nothing).
+_TERMINAL = frozenset({"response.completed", "response.incomplete", "response.failed",
+                       "error"})
+#: Fields of a relayed response object that are sseproxy's, not the upstream's.
+_OWN_FIELDS = ("id", "background", "store", "instructions", "metadata", "user")
 #: A text event at log position ``n`` has sequence number ``n + SEQ_OFFSET``.
 SEQ_OFFSET = 2
 #: Sequence numbers of the events the ``meta`` event becomes.
@@ -156,6 +180,13 @@ class ResponsesFrames:
         self.meta: dict[str, Any] | None = None
         self._texts: list[str] = []
         self._item_id = ""
+        #: Relaying an upstream's Responses events (the log began with ``relay_meta``).
+        self.relay = False
+        self._where: dict[str, Any] = {"item_id": "", "output_index": 0, "content_index": 0}
+        #: The latest response object the upstream sent (with sseproxy's own fields).
+        self.upstream_response: dict[str, Any] | None = None
+        #: The upstream's terminal event was relayed (the final log event adds nothing).
+        self.terminal_relayed = False
         #: The sequence number of the last event built (or skipped).
         self.last_sequence = -1
 
@@ -174,10 +205,23 @@ class ResponsesFrames:
         for event in events:
             if event.kind == TEXT:
                 self._texts.append(event.data)
-                seq = event.n + SEQ_OFFSET
+                seq = self.last_sequence + 1 if self.relay else event.n + SEQ_OFFSET
                 if seq > self.after:
                     out.append(self._delta(event.data, seq))
                 self.last_sequence = seq
+            elif event.kind == RELAYED:
+                self._relayed(out, event.data)
+            elif event.kind == PART:
+                self._where = json.loads(event.data)
+                self._item_id = self._where.get("item_id") or ""
+            elif event.kind == RELAY_META:
+                self.meta = json.loads(event.data)
+                self.relay = True
+            elif self.relay and event.kind in (DONE, ERROR):
+                if not self.terminal_relayed:
+                    obj = self.snapshot(event)
+                    kind = "response.completed" if event.kind == DONE else "response.failed"
+                    self._emit(out, self.last_sequence + 1, [(kind, {"response": obj})])
             elif event.kind == META:
                 self.meta = json.loads(event.data)
                 self._item_id = item_id_of(self.meta["id"])
@@ -185,6 +229,40 @@ class ResponsesFrames:
             elif event.kind in (DONE, ERROR):
                 self._emit(out, event.n + SEQ_OFFSET, self._ending(event))
         return b"".join(out)
+
+    def _relayed(self, out: list[bytes], data: str) -> None:
+        """An upstream event, renumbered, with sseproxy's response id."""
+        obj = json.loads(data)
+        seq = self.last_sequence + 1
+        self.last_sequence = seq
+        if obj.get("type") in _TERMINAL:
+            self.terminal_relayed = True
+        response = obj.get("response")
+        if isinstance(response, dict) and self.meta is not None:
+            obj["response"] = self.upstream_response = dict(
+                response, **{k: self.meta.get(k) for k in _OWN_FIELDS})
+            if obj.get("type") == "response.created":  # ``queued`` for a background one
+                obj["response"] = dict(obj["response"], status=self.meta.get("status"))
+        if seq <= self.after:
+            return
+        obj["sequence_number"] = seq
+        if not self.obfuscate:
+            obj.pop("obfuscation", None)
+        out.append(_event(str(obj.get("type")), obj))
+
+    def snapshot(self, final: Event | None) -> dict[str, Any]:
+        """The response object of a relayed stream after the events read so far (``final``:
+        its final event, once read): the upstream's own once it ended, else the latest one
+        it sent with the text so far."""
+        upstream = self.upstream_response
+        if upstream is not None and self.terminal_relayed \
+                and upstream.get("status") != "in_progress":
+            return upstream
+        base = upstream or self.meta or {"id": "resp_unknown", "object": "response"}
+        obj = response_object(base, self.full_text, final)
+        for item in obj.get("output") or ():
+            item["id"] = self._where.get("item_id") or item["id"]
+        return obj
 
     def _emit(self, out: list[bytes], first: int,
               items: list[tuple[str, dict[str, Any]]]) -> None:
@@ -248,6 +326,9 @@ class ResponsesFrames:
             "item_id": self._item_id, "output_index": 0, "content_index": 0,
             "delta": text, "logprobs": [],
         }
+        if self.relay:
+            body["output_index"] = self._where.get("output_index", 0)
+            body["content_index"] = self._where.get("content_index", 0)
         if self.obfuscate:
             body["obfuscation"] = self._rng(16 - len(text.encode("utf-8", "replace")) % 16)
         return _event("response.output_text.delta", body)

@@ -12,6 +12,9 @@
   follows it live.
 * ``POST /v1/responses/{id}/cancel`` stops it (idempotent) and returns it.
 
+With ``upstream.api = "responses"`` the generation relays the upstream's own events (the
+log opens with ``relay_meta`` instead, see :mod:`sseproxy.responses`); the rest is the same.
+
 The error rules are the chat endpoint's: before the headers an HTTP status with a JSON body
 (an upstream refusal keeps its status), after them a ``response.failed`` event.
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import sys
 import time
 from typing import Any
 
@@ -30,7 +34,7 @@ from .frames import dumps
 from .generation import Generation
 from .handlers import BaseHandler, ChatCompletionsHandler, StreamingHandler, new_stream_id
 from .record import Outcome, StreamRecord
-from .responses import META, ResponsesFrames, last_sequence, response_object
+from .responses import META, RELAY_META, ResponsesFrames, response_object
 from .store import DONE, TEXT, Event, EventLog, FollowerClosed
 
 log = structlog.get_logger("sseproxy.http")
@@ -86,8 +90,12 @@ async def read_present(log_: EventLog) -> list[Event]:
 
 def snapshot(events: list[Event]) -> dict[str, Any]:
     """The response object a log's events describe (its first event is ``meta``)."""
-    if not events or events[0].kind != META:
+    if not events or events[0].kind not in (META, RELAY_META):
         raise errors.StreamNotFound("this stream is not a response")
+    if events[0].kind == RELAY_META:
+        frames = ResponsesFrames(sys.maxsize)  # builds no bytes: every event is "before"
+        frames.events(events)
+        return frames.snapshot(events[-1] if events[-1].final else None)
     meta: dict[str, Any] = json.loads(events[0].data)
     text = "".join(e.data for e in events if e.kind == TEXT)
     final = events[-1] if events and events[-1].final else None
@@ -119,8 +127,9 @@ class ResponsesHandler(ChatCompletionsHandler):
         self.cancel_on_leave = not req.background
         generation = await self.new_generation(req.chat, response_id, retained=req.background)
         generation.detached = req.background
+        generation.relay = self.cfg.upstream.api == "responses"
         created = created_object(response_id, req)
-        generation.log.append(META, dumps(created))
+        generation.log.append(RELAY_META if generation.relay else META, dumps(created))
         frames = ResponsesFrames(obfuscate=req.include_obfuscation)
         if req.background:
             if req.stream:
@@ -207,8 +216,9 @@ class ResponseHandler(StreamingHandler):
         self.start_stream()
         self.set_header("X-Stream-ID", response_id)
         if log_.ended:
-            events = await read_present(log_)
-            if after >= last_sequence(log_.last, events[-1].kind if events else None):
+            probe = ResponsesFrames(sys.maxsize)  # the last sequence number, no bytes
+            probe.events(await read_present(log_))
+            if after >= probe.last_sequence:
                 self.finish_quietly()  # nothing after that event: an empty stream
                 return
         metrics = self.deps.metrics

@@ -125,6 +125,9 @@ class Subscriber:
                     if events and events[-1].final:
                         self.ended = Ended.FINAL
                         return self.ended
+                elif events and events[-1].final:  # a final event this format shows as nothing
+                    self.ended = Ended.FINAL
+                    return self.ended
                 elif loop.time() - last_write >= heartbeat_s - _SLACK_S:
                     await self._write(frames.heartbeat)
                     record.heartbeat()

@@ -1,8 +1,11 @@
 """The upstream client: one pooled transport per process, OpenAI streaming in, deltas out.
 
 ``UpstreamClient.open(body)`` posts ``{base_url}/chat/completions`` with
-``stream: true`` and returns a :class:`ChatStream`. Entering it waits for the
-upstream's status (an error status raises before anything is sent to the
+``stream: true`` (with ``upstream.api = "responses"``: ``{base_url}/responses``, the
+body translated by :mod:`sseproxy.upstream_responses`) and returns a :class:`ChatStream`.
+What the events mean is the job of that API's decoder (:mod:`sseproxy.upstream_chat`,
+:mod:`sseproxy.upstream_responses`); this module moves bytes and keeps time. Entering
+the stream waits for the upstream's status (an error status raises before anything is sent to the
 client); :meth:`ChatStream.run` passes each :class:`Delta` to a callback as it arrives.
 Every failure is translated here, once, into :mod:`sseproxy.errors`; the
 response is always closed, on success, on error and on cancellation.
@@ -40,16 +43,19 @@ import math
 import time
 import zlib
 from collections.abc import AsyncGenerator, Callable, Mapping
-from dataclasses import dataclass
 from types import TracebackType
 from typing import Any, Protocol, cast
 
 import httpx
-import orjson
 
-from . import __version__, errors, h1
+from . import __version__, errors, h1, upstream_responses
 from .config import Settings
+from .delta import Decoder as EventDecoder
+from .delta import Delta
 from .sse import Decoder
+from .upstream_chat import ChatDecoder
+
+__all__ = ["ChatStream", "Delta", "UpstreamClient", "Waits", "make_transport", "retry_after"]
 
 #: Upstream error bodies are read up to this size to find the OpenAI error object.
 _MAX_ERROR_BODY = 64 * 1024
@@ -63,29 +69,6 @@ class Waits(Protocol):
     def begin(self) -> None: ...
 
     def end(self) -> None: ...
-
-
-@dataclass(slots=True)
-class Delta:
-    """One step of the reply: text, the role, the finish reason or the token usage.
-
-    Read-only by convention, not ``frozen``: one is made per token (see ``sse.Event``).
-    """
-
-    content: str = ""
-    role: str | None = None
-    finish_reason: str | None = None
-    usage: Mapping[str, Any] | None = None
-
-
-def _loads(data: str) -> Any:
-    """``json.loads``, with orjson first: a quarter of the cost per upstream chunk. What
-    orjson refuses but ``json`` reads (NaN, integers past 64 bits, lone surrogates) is
-    read by ``json``, so the result never depends on which one parsed it."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return json.loads(data)
 
 
 def make_transport(settings: Settings) -> h1.H1Transport:
@@ -156,7 +139,9 @@ class UpstreamClient:
         self.transport = transport
         # parsed once: httpx would parse a str URL again for every request
         self.base_url = (base_url or settings.upstream_url).rstrip("/")
-        self.url = httpx.URL(self.base_url + "/chat/completions")
+        self.responses_api = settings.upstream.api == "responses"
+        self.url = httpx.URL(self.base_url + (
+            "/responses" if self.responses_api else "/chat/completions"))
         # identity: a compressed event stream arrives in bursts, whatever the server does
         self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
                          "Content-Type": "application/json",
@@ -170,10 +155,20 @@ class UpstreamClient:
             connect=up.connect_timeout_s, read=None, write=up.connect_timeout_s,
             pool=up.connect_timeout_s).as_dict()}
 
-    def open(self, body: Mapping[str, Any], *, request_id: str | None = None) -> ChatStream:
-        payload = dict(body)
-        payload["stream"] = True
-        payload["stream_options"] = {"include_usage": True}
+    def open(self, body: Mapping[str, Any], *, request_id: str | None = None,
+             relay: bool = False) -> ChatStream:
+        """The stream of a chat-shaped request ``body``. ``relay``: a Responses upstream's
+        own events are passed on too (see :mod:`sseproxy.upstream_responses`); raises
+        :class:`~sseproxy.errors.RequestError` when the body cannot be sent to this API."""
+        decoder: EventDecoder
+        if self.responses_api:
+            payload = upstream_responses.request_body(body)
+            decoder = upstream_responses.ResponsesDecoder(relay=relay)
+        else:
+            payload = dict(body)
+            payload["stream"] = True
+            payload["stream_options"] = {"include_usage": True}
+            decoder = ChatDecoder()
         headers = dict(self._headers)
         if request_id:
             headers["X-Request-ID"] = request_id
@@ -182,7 +177,7 @@ class UpstreamClient:
                              allow_nan=False).encode()
         request = httpx.Request("POST", self.url, headers=headers, content=content,
                                 extensions=self._extensions)
-        return ChatStream(self, request)
+        return ChatStream(self, request, decoder)
 
     def get(self, path: str, timeout_s: float) -> httpx.Request:
         """A ``GET {base_url}/{path}`` (e.g. ``models``) with sseproxy's headers and key,
@@ -199,8 +194,10 @@ class UpstreamClient:
 class ChatStream:
     """One upstream streaming response. Use as ``async with client.open(body) as s``."""
 
-    def __init__(self, client: UpstreamClient, request: httpx.Request) -> None:
+    def __init__(self, client: UpstreamClient, request: httpx.Request,
+                 decoder: EventDecoder | None = None) -> None:
         self._client = client
+        self._events_decoder: EventDecoder = decoder or ChatDecoder()
         self._request = request
         self._response: httpx.Response | None = None
         self._loop = asyncio.get_running_loop()
@@ -212,8 +209,6 @@ class ChatStream:
         self._max_event_bytes = client.settings.limits.max_event_bytes
         #: The HTTP status the upstream answered with (None until it answered).
         self.status: int | None = None
-        #: The model the upstream says it used (from its chunks).
-        self.model: str | None = None
         #: Told about every wait for upstream bytes, when set.
         self.waits: Waits | None = None
         self._decoder: Decoder | None = None
@@ -230,6 +225,11 @@ class ChatStream:
         self._timer: asyncio.TimerHandle | None = None
         self._resumed: asyncio.Future[None] | None = None
         self._ended = False
+
+    @property
+    def model(self) -> str | None:
+        """The model the upstream says it used (from its events)."""
+        return self._events_decoder.model
 
     async def __aenter__(self) -> ChatStream:
         if self.status is None:
@@ -437,19 +437,21 @@ class ChatStream:
             # Only a complete event moves the idle deadline (not a byte, not a comment).
             self._events += len(events)
             self._last = self._loop.time()
+        decode = self._events_decoder.decode
         for event in events:
-            if event.data == "[DONE]":
+            delta = decode(event.event, event.data)
+            if delta is not None:
+                if delta.content or delta.finish_reason is not None:
+                    # A role-only chunk often comes at once; the first token has not.
+                    self._first = False
+                if delta.finish_reason is not None:
+                    self._finished = True
+                self._on_delta(delta)
+                if delta.event is not None and self._events_decoder.failure is not None:
+                    raise self._events_decoder.failure  # relayed first, then it ends the reply
+            if self._events_decoder.done:
                 self._done = True
                 return True
-            delta = self._parse(event.data)
-            if delta is None:
-                continue
-            if delta.content or delta.finish_reason is not None:
-                # A role-only chunk often comes at once; the first token has not.
-                self._first = False
-            if delta.finish_reason is not None:
-                self._finished = True
-            self._on_delta(delta)
         return False
 
     def _timeout_error(self) -> errors.UpstreamTimeout:
@@ -576,48 +578,6 @@ class ChatStream:
             # Close the byte iterator here, in this task: left to the garbage collector,
             # its finaliser would run as a stray task, maybe after the loop is gone.
             await chunks.aclose()
-
-    def _parse(self, data: str) -> Delta | None:
-        try:
-            obj = _loads(data)
-        except ValueError as exc:
-            raise errors.MalformedFrame("the upstream sent a frame that is not JSON") from exc
-        if not isinstance(obj, dict):
-            raise errors.MalformedFrame("the upstream sent a frame that is not a JSON object")
-        err = obj.get("error")
-        if err is not None:
-            message, code = "the upstream reported an error mid-reply", None
-            if isinstance(err, dict):
-                if isinstance(err.get("message"), str) and err["message"]:
-                    message = err["message"]
-                if isinstance(err.get("code"), str) and err["code"]:
-                    code = err["code"]
-            raise errors.UpstreamStreamError(message, upstream_code=code)
-        if self.model is None and isinstance(obj.get("model"), str):
-            self.model = obj["model"]
-        usage = obj.get("usage")
-        usage = usage if isinstance(usage, dict) else None
-        choices = obj.get("choices")
-        if not isinstance(choices, list):
-            raise errors.MalformedFrame("the upstream sent a chunk without a choices list")
-        if not choices:
-            return Delta(usage=usage) if usage else None
-        choice = choices[0]
-        if not isinstance(choice, dict):
-            raise errors.MalformedFrame("the upstream sent a malformed choice")
-        delta = choice.get("delta") or {}
-        if not isinstance(delta, dict):
-            raise errors.MalformedFrame("the upstream sent a malformed delta")
-        content = delta.get("content") or ""
-        role = delta.get("role")
-        finish = choice.get("finish_reason")
-        if not isinstance(content, str) or not isinstance(role, (str, type(None))):
-            raise errors.MalformedFrame("the upstream sent a delta of the wrong shape")
-        if not isinstance(finish, (str, type(None))):
-            raise errors.MalformedFrame("the upstream sent a finish_reason of the wrong shape")
-        if not content and role is None and finish is None and usage is None:
-            return None
-        return Delta(content=content, role=role, finish_reason=finish, usage=usage)
 
     async def aclose(self) -> None:
         """Close the response (idempotent); also runs when the stream is cancelled."""

@@ -1,5 +1,6 @@
 """The Responses API (issue 17): ``/v1/responses`` through real servers, with the official
-OpenAI SDK, translated from a chat-completions upstream (the simulator).
+OpenAI SDK, on both upstream kinds (the simulator): translated from a chat-completions
+upstream, and relayed from an upstream that speaks the Responses API itself.
 
 Every stream's ``sequence_number`` must run 0, 1, 2, … without a gap, paced or not.
 """
@@ -7,18 +8,35 @@ Every stream's ``sequence_number`` must run 0, 1, 2, … without a gap, paced or
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import httpx
 import openai
 import pytest
 from openai.types.responses import EasyInputMessageParam, ResponseStreamEvent
-from servers import eventually, running
+import servers
+from servers import eventually
 
 from sseproxy.mockupstream import Scenario, make_tokens
 
 FAST = Scenario(rate=0, tokens=12)
+
+
+UPSTREAM_API = ["chat_completions"]
+
+
+@pytest.fixture(params=["chat_completions", "responses"], autouse=True)
+def api(request: pytest.FixtureRequest) -> Iterator[str]:
+    """Every test runs against both upstream kinds (``upstream.api``)."""
+    UPSTREAM_API[0] = request.param
+    yield str(request.param)
+    UPSTREAM_API[0] = "chat_completions"
+
+
+def running(scenario: Scenario | None = None, **overrides: Any) -> Any:
+    """sseproxy in front of the simulator, speaking this test's upstream API."""
+    return servers.running(scenario, upstream__api=UPSTREAM_API[0], **overrides)
 
 
 def sdk(r: Any) -> openai.AsyncOpenAI:

@@ -56,7 +56,7 @@ from redis.backoff import NoBackoff
 from redis.exceptions import RedisError
 
 from .. import errors
-from . import TEXT, Event
+from . import DONE, ERROR, Event
 from .memory import MemoryFollower, MemoryLog, MemoryStore
 
 log = structlog.get_logger("sseproxy.store")
@@ -313,7 +313,7 @@ class RedisStore:
             if n != mirror.last + 1:
                 continue  # already held (a read that overlapped the load)
             mirror.append(fields["k"], fields["d"])
-            if fields["k"] != TEXT:
+            if fields["k"] in (DONE, ERROR):  # not a format's own kind (a response's meta)
                 mirror.end()
                 return
 

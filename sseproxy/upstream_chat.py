@@ -1,0 +1,88 @@
+"""Decoding an OpenAI chat-completions stream: ``chat.completion.chunk`` events → deltas.
+
+Pure: one server-sent event's data in, one :class:`~sseproxy.delta.Delta` (or None) out;
+``data: [DONE]`` ends the reply; an ``{"error": …}`` object mid-stream raises
+:class:`~sseproxy.errors.UpstreamStreamError`; anything not shaped like a chunk raises
+:class:`~sseproxy.errors.MalformedFrame`.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import orjson
+
+from . import errors
+from .delta import Delta
+
+
+def loads(data: str) -> Any:
+    """``json.loads``, with orjson first: a quarter of the cost per upstream chunk. What
+    orjson refuses but ``json`` reads (NaN, integers past 64 bits, lone surrogates) is
+    read by ``json``, so the result never depends on which one parsed it."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
+def stream_error(err: Any, default: str) -> errors.UpstreamStreamError:
+    """The error an upstream reported in its stream (an OpenAI error object, or not)."""
+    message, code = default, None
+    if isinstance(err, dict):
+        if isinstance(err.get("message"), str) and err["message"]:
+            message = err["message"]
+        if isinstance(err.get("code"), str) and err["code"]:
+            code = err["code"]
+    return errors.UpstreamStreamError(message, upstream_code=code)
+
+
+class ChatDecoder:
+    """Chat-completion chunks → deltas (see :class:`~sseproxy.delta.Decoder`)."""
+
+    __slots__ = ("model", "done", "failure")
+
+    def __init__(self) -> None:
+        self.model: str | None = None
+        self.done = False
+        self.failure: errors.SSEProxyError | None = None
+
+    def decode(self, name: str, data: str) -> Delta | None:
+        if data == "[DONE]":
+            self.done = True
+            return None
+        try:
+            obj = loads(data)
+        except ValueError as exc:
+            raise errors.MalformedFrame("the upstream sent a frame that is not JSON") from exc
+        if not isinstance(obj, dict):
+            raise errors.MalformedFrame("the upstream sent a frame that is not a JSON object")
+        err = obj.get("error")
+        if err is not None:
+            raise stream_error(err, "the upstream reported an error mid-reply")
+        if self.model is None and isinstance(obj.get("model"), str):
+            self.model = obj["model"]
+        usage = obj.get("usage")
+        usage = usage if isinstance(usage, dict) else None
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            raise errors.MalformedFrame("the upstream sent a chunk without a choices list")
+        if not choices:
+            return Delta(usage=usage) if usage else None
+        choice = choices[0]
+        if not isinstance(choice, dict):
+            raise errors.MalformedFrame("the upstream sent a malformed choice")
+        delta = choice.get("delta") or {}
+        if not isinstance(delta, dict):
+            raise errors.MalformedFrame("the upstream sent a malformed delta")
+        content = delta.get("content") or ""
+        role = delta.get("role")
+        finish = choice.get("finish_reason")
+        if not isinstance(content, str) or not isinstance(role, (str, type(None))):
+            raise errors.MalformedFrame("the upstream sent a delta of the wrong shape")
+        if not isinstance(finish, (str, type(None))):
+            raise errors.MalformedFrame("the upstream sent a finish_reason of the wrong shape")
+        if not content and role is None and finish is None and usage is None:
+            return None
+        return Delta(content=content, role=role, finish_reason=finish, usage=usage)
