@@ -227,3 +227,33 @@ async def test_a_background_response_resumes_from_another_instance_on_redis(
     text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
     assert text == "".join(make_tokens(scenario)) == stored.output_text
     assert rest[-1].type == "response.completed" and stored.status == "completed"
+
+
+async def test_a_running_background_response_resumes_live_from_another_instance_on_redis(
+        io_loop: Any, redis: RedisServer) -> None:
+    # The resume lands on B while A still generates: B replays from Redis, then follows.
+    scenario = Scenario(rate=20, tokens=40)
+    keys = {"store__backend": "redis", "store__redis_url": redis.url, **API}
+    async with simulator() as mock_url:
+        async with instance(mock_url, **keys) as a, instance(mock_url, **keys) as b:
+            client_a, client_b = sdk(a.url), sdk(b.url)
+            first: list[Any] = []
+            stream_a = await client_a.responses.create(
+                model=scenario.to_model(), input="hi", stream=True, background=True)
+            async for event in stream_a:
+                first.append(event)
+                if event.type == "response.output_text.delta":
+                    break
+            await stream_a.close()
+            cut = first[-1].sequence_number
+            response_id = first[0].response.id
+            assert a.deps.registry.get(response_id) is not None  # still running on A
+            rest: list[Any] = [e async for e in await client_b.responses.retrieve(
+                response_id, stream=True, starting_after=cut)]
+            await client_a.close()
+            await client_b.close()
+    numbers = [e.sequence_number for e in first + rest]
+    assert numbers == list(range(len(numbers)))
+    text = "".join(e.delta for e in first + rest if e.type == "response.output_text.delta")
+    assert text == "".join(make_tokens(scenario))
+    assert rest[-1].type == "response.completed"
