@@ -243,7 +243,7 @@ class Settings:
     #: ``{name: sha256}`` of the client keys (from ``auth.keys_file``; empty with ``none``).
     client_keys: Mapping[str, bytes] = field(default_factory=dict, repr=False)
     #: Signs session cookies: ``$SSEPROXY_COOKIE_SECRET``, else random at start-up.
-    cookie_secret: str = field(default="", repr=False)
+    cookie_secret: str = field(default="", repr=False, compare=False)
     #: The file these settings were read from, if any (SIGHUP re-reads it).
     source: str | None = None
 

@@ -37,6 +37,7 @@ import asyncio
 import email.utils
 import json
 import math
+import re
 import time
 import zlib
 from collections.abc import AsyncGenerator, Callable, Mapping
@@ -53,6 +54,33 @@ from .sse import Decoder
 
 #: Upstream error bodies are read up to this size to find the OpenAI error object.
 _MAX_ERROR_BODY = 64 * 1024
+#: An upstream's error ``code`` or ``type`` is passed on only when it looks like one.
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_BEARER = re.compile(r"(?i)bearer\s+\S+")
+#: Characters of an upstream's error message passed on to a client.
+_MAX_MESSAGE_CHARS = 1000
+
+
+_Said = tuple[str | None, str | None, str | None]
+
+
+def _passed_on(err: dict[str, Any], secret: str | None) -> _Said:
+    """``(message, code, type)`` of an upstream's OpenAI error object, as a client may see
+    them: the message without sseproxy's key (upstreams echo the request's
+    ``Authorization``, whole or in part) and bounded; a code or type only when it is a
+    short token."""
+    message, code, etype = err.get("message"), err.get("code"), err.get("type")
+    if isinstance(message, str) and message:
+        if secret:
+            message = message.replace(secret, "[redacted]")
+        message = _BEARER.sub("Bearer [redacted]", message)[:_MAX_MESSAGE_CHARS]
+    else:
+        message = None
+    code = code if isinstance(code, str) and _TOKEN.match(code) else None
+    etype = etype if isinstance(etype, str) and _TOKEN.match(etype) else None
+    return message, code, etype
+
+
 #: ``Retry-After`` passed on to a client is clamped to this range (seconds).
 RETRY_AFTER_MIN_S, RETRY_AFTER_MAX_S = 1, 3600
 
@@ -161,6 +189,7 @@ class UpstreamClient:
         self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
                          "Content-Type": "application/json",
                          "User-Agent": f"sseproxy/{__version__}"}
+        self.api_key = api_key
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         up = settings.upstream
@@ -328,12 +357,8 @@ class ChatStream:
             obj = json.loads(body)
             err = obj.get("error") if isinstance(obj, dict) else None
             if isinstance(err, dict):
-                if isinstance(err.get("message"), str) and err["message"]:
-                    message = err["message"]
-                if isinstance(err.get("code"), str) and err["code"]:
-                    code = err["code"]
-                if isinstance(err.get("type"), str) and err["type"]:
-                    etype = err["type"]
+                said, code, etype = _passed_on(err, self._client.api_key)
+                message = said or message
         except ValueError:
             pass
         if response.status_code in (401, 403):
@@ -588,10 +613,8 @@ class ChatStream:
         if err is not None:
             message, code = "the upstream reported an error mid-reply", None
             if isinstance(err, dict):
-                if isinstance(err.get("message"), str) and err["message"]:
-                    message = err["message"]
-                if isinstance(err.get("code"), str) and err["code"]:
-                    code = err["code"]
+                said, code, _ = _passed_on(err, self._client.api_key)
+                message = said or message
             raise errors.UpstreamStreamError(message, upstream_code=code)
         if self.model is None and isinstance(obj.get("model"), str):
             self.model = obj["model"]
