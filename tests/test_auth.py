@@ -20,9 +20,10 @@ from tornado.testing import bind_unused_port
 
 from sseproxy import app, cli, config, keys
 from sseproxy.errors import ConfigError
+from sseproxy.handlers import BaseHandler
 from sseproxy.mockupstream import Scenario
 
-CHAT = [{"role": "user", "content": "hi"}]
+CHAT: list[Any] = [{"role": "user", "content": "hi"}]
 SHORT = Scenario(tokens=5, rate=0)
 
 
@@ -100,12 +101,12 @@ async def test_the_openai_sdk_streams_with_a_bearer_key_and_is_refused_without_o
         good = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key=keyring.alice, max_retries=0)
         bad = openai.AsyncOpenAI(base_url=r.url + "/v1", api_key="sxp_wrong", max_retries=0)
         async with good, bad:
-            chunks = await good.chat.completions.create(model="m", messages=CHAT,  # type: ignore
+            chunks = await good.chat.completions.create(model="m", messages=CHAT,
                                                         stream=True)
             text = "".join([c.choices[0].delta.content or "" async for c in chunks
                             if c.choices])
             with pytest.raises(openai.AuthenticationError) as refused:
-                await bad.chat.completions.create(model="m", messages=CHAT)  # type: ignore
+                await bad.chat.completions.create(model="m", messages=CHAT)
         assert await requests_seen(r) == 1
     assert text
     assert refused.value.code == "invalid_api_key"
@@ -131,7 +132,7 @@ async def test_the_current_user_is_the_key_name_and_none_without_auth(keyring: K
     # get_current_user() is what per-key limits count against (issue 18 point 3).
     seen: list[Any] = []
 
-    class Probe(app.handlers.BaseHandler):
+    class Probe(BaseHandler):
         async def get(self) -> None:
             seen.append(self.current_user)
             self.finish("ok")
