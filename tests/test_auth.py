@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import signal
 import subprocess
 import sys
 from collections.abc import AsyncIterator
@@ -15,7 +16,7 @@ import httpx
 import openai
 import pytest
 from servers import Running, running, stream
-from test_cli import clean_env
+from test_cli import clean_env, free_port, process, wait_for_count
 from tornado.testing import bind_unused_port
 
 from sseproxy import app, cli, config, keys
@@ -475,3 +476,31 @@ def test_a_public_address_is_accepted_with_allow_anonymous_or_keys(
     out = sseproxy("check-config", str(refused))
     assert out.returncode == 2 and "auth.allow_anonymous" in out.stderr
     assert keyring.alice not in sseproxy("check-config", str(with_keys_file)).stdout
+
+
+def test_sighup_rereads_the_keys_file_and_a_bad_one_keeps_the_old_keys(
+    tmp_path: Path, keyring: Keyring,
+) -> None:
+    conf = tmp_path / "sseproxy.toml"
+    conf.write_text(f'[auth]\nmode = "keys"\nkeys_file = "{keyring.path}"\n')
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    carol = keys.new_key()
+    with process("serve", "--config", str(conf), "--port", str(port), url=base + "/healthz",
+                 log=log) as proc:
+        def status(key: str) -> int:
+            return httpx.get(base + "/v1/personas", headers=bearer(key), timeout=5).status_code
+
+        before = status(keyring.alice), status(carol)
+        keyring.path.write_text(keys.key_line("carol", carol) + "\n")
+        proc.send_signal(signal.SIGHUP)
+        wait_for_count(log, "config_reloaded", 1)
+        after = status(keyring.alice), status(carol)
+        keyring.path.write_text("carol\n")
+        proc.send_signal(signal.SIGHUP)
+        failed = wait_for_count(log, "config_reload_failed", 1)
+        kept = status(carol)
+    assert before == (200, 401) and after == (401, 200) and kept == 200
+    assert f"keys file {str(keyring.path)!r}, line 1" in failed[0]
+    assert "cookie_secret_random" in log.read_text()
