@@ -80,11 +80,11 @@ def cross_site(handler: tornado.web.RequestHandler) -> errors.Forbidden | None:
                             "good for the chat page's own requests")
 
 
-def refusal(handler: tornado.web.RequestHandler, cfg: Settings, user: str | None, via: str,
-            public: bool) -> errors.SSEProxyError | None:
-    """Why this request may not go on (``401``/``403``), or None."""
+def refusal(handler: tornado.web.RequestHandler, cfg: Settings, user: str | None,
+            via: str) -> errors.SSEProxyError | None:
+    """Why this request, which needs a key, may not go on (``401``/``403``), or None."""
     method = handler.request.method or "GET"
-    if cfg.auth.mode == "none" or public or method == "OPTIONS":
+    if cfg.auth.mode == "none" or method == "OPTIONS":
         return None
     if user is None:
         reason = "unknown key" if "Authorization" in handler.request.headers else "no key"

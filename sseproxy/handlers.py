@@ -111,9 +111,10 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("X-Request-ID", self.request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
-        refused = access.refusal(self, self.cfg, self.current_user, self.auth_via, self.public)
-        if refused is not None:
-            self.send_error_object(refused)
+        if not self.public:
+            refused = access.refusal(self, self.cfg, self.current_user, self.auth_via)
+            if refused is not None:
+                self.send_error_object(refused)
 
     def options(self, *args: str) -> None:
         """A CORS preflight: ``204`` for an origin in ``server.cors_origins``, else ``403``."""

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import tornado.httpserver
 import openai
 import pytest
 from servers import Running, running, stream
@@ -504,3 +505,18 @@ def test_sighup_rereads_the_keys_file_and_a_bad_one_keeps_the_old_keys(
     assert before == (200, 401) and after == (401, 200) and kept == 200
     assert f"keys file {str(keyring.path)!r}, line 1" in failed[0]
     assert "cookie_secret_random" in log.read_text()
+
+
+async def test_the_separate_metrics_listener_needs_no_key(keyring: Keyring) -> None:
+    async with running(SHORT, **with_keys(keyring, metrics__port=1)) as r:
+        server = tornado.httpserver.HTTPServer(app.make_metrics_app(r.deps))
+        sock, port = bind_unused_port()
+        server.add_sockets([sock])
+        try:
+            async with httpx.AsyncClient() as c:
+                scrape = await c.get(f"http://127.0.0.1:{port}/metrics",
+                                     headers={"Cookie": "sseproxy_session=x"})
+        finally:
+            server.stop()
+            await server.close_all_connections()
+    assert scrape.status_code == 200 and "sseproxy_streams_active" in scrape.text
