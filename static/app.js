@@ -446,6 +446,13 @@
   const loginError = $('#login-error');
   const logoutButton = $('#logout');
   let started = false;
+  let pendingSubmit = false;
+  // A prompt sent before GET /v1/session answered is sent once the view has started.
+  composer.addEventListener('submit', (e) => {
+    if (started) return;
+    e.preventDefault();
+    pendingSubmit = true;
+  });
 
   function showLogin(show) {
     document.body.classList.toggle('logged-out', show);
@@ -459,6 +466,8 @@
     if (started) return;
     started = true;
     if (new URLSearchParams(location.search).has('compare')) compare(); else chat();
+    if (pendingSubmit) composer.requestSubmit();
+    pendingSubmit = false;
   }
 
   loginForm.addEventListener('submit', async (e) => {
