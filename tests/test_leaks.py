@@ -109,6 +109,9 @@ def captured_logs() -> Iterator[io.StringIO]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
     logs.configure(config.LoggingSettings(format="json", level="debug"), out)
+    # sseproxy's module-level loggers would keep this configuration for good (and later
+    # tests' capture_logs would see nothing) if they cached it on first use.
+    structlog.configure(cache_logger_on_first_use=False)
     yield out
     root.handlers[:] = handlers
     root.setLevel(level)
