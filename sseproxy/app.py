@@ -22,7 +22,8 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 
-from . import config, handlers, httpserver, mockupstream, responses_handlers
+from . import access, config, handlers, httpserver, mockupstream, responses_handlers
+from . import session_handlers
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
@@ -91,10 +92,10 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (r"/healthz", handlers.HealthHandler, route),
         (r"/readyz", handlers.ReadyHandler, route),
         *responses_handlers.routes(route),
+        *session_handlers.routes(route),
         # The chat page and its assets (deploy/nginx.conf serves the same paths itself).
-        (r"/()", tornado.web.StaticFileHandler,
-         {"path": STATIC_DIR, "default_filename": "index.html"}),
-        (r"/static/(.*)", tornado.web.StaticFileHandler, {"path": STATIC_DIR}),
+        (r"/()", access.StaticHandler, {"path": STATIC_DIR, "default_filename": "index.html"}),
+        (r"/static/(.*)", access.StaticHandler, {"path": STATIC_DIR}),
     ]
     if not settings.metrics.port:
         routes.append((r"/metrics", handlers.MetricsHandler, route))
@@ -104,15 +105,23 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         default_handler_args=route,
         transforms=[StreamSafeGZip] if settings.server.compress_response else [],
         log_function=access_log,
+        cookie_secret=settings.cookie_secret,
         **app_settings,
     )
+
+
+class ListenerMetricsHandler(handlers.MetricsHandler):
+    """``/metrics`` on ``metrics.port``: kept private by its address, so served without a
+    key."""
+
+    public = True
 
 
 def make_metrics_app(deps: Deps) -> tornado.web.Application:
     """The separate ``/metrics`` listener (``metrics.port``)."""
     route = {"deps": deps}
     return tornado.web.Application(
-        [(r"/metrics", handlers.MetricsHandler, route)],
+        [(r"/metrics", ListenerMetricsHandler, route)],
         default_handler_class=handlers.NotFoundHandler,
         default_handler_args=route,
         log_function=lambda handler: access_log(handler, "sseproxy.metrics.access"),
@@ -239,6 +248,10 @@ async def serve(
     if settings.upstream.kind == "openai" and not config.api_key(settings):
         log.warning("upstream_key_missing", env=settings.upstream.api_key_env,
                     hint="requests go out without an Authorization header")
+    if settings.auth.mode == "keys" and not os.environ.get(config.COOKIE_SECRET_ENV):
+        log.warning("cookie_secret_random", env=config.COOKIE_SECRET_ENV,
+                    hint="chat page logins end when sseproxy restarts and do not carry over "
+                         "to other instances; set the variable to keep them")
     deps = await build_deps(settings, upstream_url)
     server = make_server(make_app(settings, deps), settings)
     if sockets is None:

@@ -1,17 +1,19 @@
-"""The ``sseproxy`` command: ``serve`` (the default), ``check-config FILE``, ``mock-upstream``."""
+"""The ``sseproxy`` command: ``serve`` (the default), ``check-config FILE``, ``mock-upstream``,
+``create-key NAME``."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from . import __version__, config, logs, mockupstream, workers
+from . import __version__, config, keys, logs, mockupstream, workers
 from .errors import ConfigError
 
-COMMANDS = ("serve", "check-config", "mock-upstream")
+COMMANDS = ("serve", "check-config", "mock-upstream", "create-key")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -38,7 +40,41 @@ def _parser() -> argparse.ArgumentParser:
 
     mock = sub.add_parser("mock-upstream", help="run the OpenAI-compatible simulator")
     mockupstream.add_arguments(mock)
+
+    create = sub.add_parser(
+        "create-key", help="make a client key: print it once, and its line for auth.keys_file")
+    create.add_argument("name", help="the key's name (shown in logs, counted by limits)")
+    create.add_argument("--keys-file", help="append the line to this file (created 0600 "
+                        "if missing) instead of printing it")
     return parser
+
+
+def create_key(name: str, keys_file: str | None) -> int:
+    """``sseproxy create-key``: the key on stdout; its line on stdout or into the file."""
+    keys.check_name(name)
+    key = keys.new_key()
+    line = keys.key_line(name, key)
+    if keys_file is None:
+        print(key)
+        print(line)
+        print("# add the second line to auth.keys_file; the key above is shown only once",
+              file=sys.stderr)
+        return 0
+    if os.path.exists(keys_file):
+        with open(keys_file, encoding="utf-8") as f:
+            text = f.read()
+        if name in keys.parse_keys(text, keys_file):
+            raise ConfigError(f"keys file {keys_file!r} already has a key named {name!r}")
+        prefix = "" if not text or text.endswith("\n") else "\n"
+    else:
+        prefix = ""
+    fd = os.open(keys_file, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600)
+    with os.fdopen(fd, "a", encoding="utf-8") as f:
+        f.write(f"{prefix}{line}\n")
+    print(key)
+    print(f"# {name} added to {keys_file}; send SIGHUP (or restart) so sseproxy reads it",
+          file=sys.stderr)
+    return 0
 
 
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
@@ -68,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             return 0
         if args.command == "mock-upstream":
             return mockupstream.run(args)
+        if args.command == "create-key":
+            return create_key(args.name, args.keys_file)
         overrides = _overrides(args)
         settings = config.load(args.config, overrides=overrides)
     except ConfigError as exc:

@@ -17,19 +17,24 @@ import difflib
 import importlib.util
 import math
 import os
+import secrets
 import stat
 import tomllib
 import types
 import typing
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from . import keys
 from .errors import ConfigError
 from .pacing import PacingSettings, check_field
 
 ENV_PREFIX = "SSEPROXY_"
 CONFIG_ENV = "SSEPROXY_CONFIG"
+#: The secret that signs the chat page's session cookies (not a config key: never in a file).
+COOKIE_SECRET_ENV = "SSEPROXY_COOKIE_SECRET"
 DEFAULT_OPENAI_URL = "https://api.openai.com/v1"
 
 
@@ -59,6 +64,17 @@ class ServerSettings:
     #: asyncio's CPU per event since sseproxy reads the upstream on its own protocol, so
     #: opt-in), or ``auto``: uvloop when it is installed.
     event_loop: str = field(default="asyncio", metadata=_choice("asyncio", "uvloop", "auto"))
+    #: Web origins (``https://app.example.com``) whose pages may call the API from the
+    #: browser (CORS, with a Bearer key; never with the session cookie). Empty: CORS is off.
+    cors_origins: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        for origin in self.cors_origins:
+            parts = urllib.parse.urlsplit(origin)
+            if parts.scheme not in ("http", "https") or not parts.netloc \
+                    or origin != f"{parts.scheme}://{parts.netloc}":
+                raise ValueError(f"server.cors_origins: {origin!r} is not an origin "
+                                 "(scheme://host[:port], no path, no '*')")
 
 
 @dataclass(frozen=True)
@@ -183,6 +199,21 @@ class LoggingSettings:
 
 
 @dataclass(frozen=True)
+class AuthSettings:
+    #: ``none``: anyone who reaches sseproxy may use it (allowed on a loopback
+    #: ``server.host`` only, unless ``allow_anonymous``); ``keys``: every API request needs
+    #: ``Authorization: Bearer <key>`` or the chat page's session cookie.
+    mode: str = field(default="none", metadata=_choice("none", "keys"))
+    #: One ``name:sha256hex`` per line (``sseproxy create-key NAME`` makes them); re-read
+    #: on SIGHUP.
+    keys_file: str = ""
+    #: Serve without keys on an address other than loopback, on purpose.
+    allow_anonymous: bool = False
+    #: How long a chat page login lasts.
+    session_ttl_s: float = field(default=86400.0, metadata=_range(60, 366 * 86400))
+
+
+@dataclass(frozen=True)
 class Persona:
     system: str
     model: str | None = None
@@ -223,6 +254,11 @@ class Settings:
     #: ``[limits.keys.NAME]`` tables: key name → the ``max_streams``,
     #: ``requests_per_minute``, ``tokens_per_minute`` it has instead of ``limits.key_*``.
     key_limits: Mapping[str, Mapping[str, int]] = field(default_factory=dict)
+    auth: AuthSettings = AuthSettings()
+    #: ``{name: sha256}`` of the client keys (from ``auth.keys_file``; empty with ``none``).
+    client_keys: Mapping[str, bytes] = field(default_factory=dict, repr=False)
+    #: Signs session cookies: ``$SSEPROXY_COOKIE_SECRET``, else random at start-up.
+    cookie_secret: str = field(default="", repr=False, compare=False)
     #: The file these settings were read from, if any (SIGHUP re-reads it).
     source: str | None = None
 
@@ -246,10 +282,11 @@ SECTIONS: dict[str, type[Any]] = {
     "store": StoreSettings,
     "metrics": MetricsSettings,
     "logging": LoggingSettings,
+    "auth": AuthSettings,
 }
 PERSONA_KEYS = ("system", "model", "title")
 #: What SIGHUP may change in a running process (the rest needs a restart).
-RELOADABLE = ("pacing", "heartbeat", "stall", "personas")
+RELOADABLE = ("pacing", "heartbeat", "stall", "personas", "auth", "client_keys")
 
 
 def _nearest(name: str, options: typing.Iterable[str]) -> str:
@@ -307,6 +344,12 @@ def _coerce(key: str, value: Any, typ: Any, from_text: bool) -> Any:
         if isinstance(value, str):
             return value
         raise ConfigError(f"{key} = {value!r}: expected a string")
+    if typing.get_origin(typ) is tuple:  # tuple[str, ...]: a list, or comma-separated text
+        if from_text and isinstance(value, str):
+            value = [item.strip() for item in value.split(",") if item.strip()]
+        if isinstance(value, (list, tuple)) and all(isinstance(v, str) for v in value):
+            return tuple(value)
+        raise ConfigError(f"{key} = {value!r}: expected a list of strings")
     raise ConfigError(f"{key}: unsupported type {typ!r}")  # pragma: no cover - a bug here
 
 
@@ -431,13 +474,14 @@ def env_overrides(environ: Mapping[str, str]) -> dict[str, dict[str, str]]:
     """``SSEPROXY_<SECTION>_<KEY>`` variables as ``{section: {key: text}}``."""
     out: dict[str, dict[str, str]] = {}
     for name, value in environ.items():
-        if not name.startswith(ENV_PREFIX) or name == CONFIG_ENV:
+        if not name.startswith(ENV_PREFIX) or name in (CONFIG_ENV, COOKIE_SECRET_ENV):
             continue
         rest = name[len(ENV_PREFIX):]
         section, _, key = rest.partition("_")
         section, key = section.lower(), key.lower()
         if section not in SECTIONS or not key:
-            valid = [f"{ENV_PREFIX}{s.upper()}_..." for s in SECTIONS] + [CONFIG_ENV]
+            valid = [f"{ENV_PREFIX}{s.upper()}_..." for s in SECTIONS]
+            valid += [CONFIG_ENV, COOKIE_SECRET_ENV]
             raise ConfigError(
                 f"unknown environment variable {name}{_nearest(name, valid)}; "
                 f"sections are {', '.join(SECTIONS)}"
@@ -487,13 +531,37 @@ def load(
         merged[section][key] = (value, isinstance(value, str))
 
     built = {s: _build_section(s, cls, merged[s]) for s, cls in SECTIONS.items()}
-    settings = Settings(**built, personas=personas, key_limits=key_limits, source=path)
+    auth = built["auth"]
+    client_keys = {}
+    if auth.mode == "keys":
+        if not auth.keys_file:
+            raise ConfigError("auth.mode = 'keys' needs auth.keys_file (create it with "
+                              "`sseproxy create-key NAME --keys-file FILE`)")
+        client_keys = keys.read_keys(auth.keys_file)
+    secret = environ.get(COOKIE_SECRET_ENV, "")
+    if secret and len(secret) < 32:
+        raise ConfigError(f"{COOKIE_SECRET_ENV}: at least 32 characters (e.g. "
+                          "`python -c 'import secrets; print(secrets.token_hex(32))'`)")
+    settings = Settings(**built, personas=personas, key_limits=key_limits, source=path,
+                        client_keys=client_keys, cookie_secret=secret or secrets.token_hex(32))
     _validate(settings)
     return settings
 
 
+def _check_exposure(settings: Settings) -> None:
+    """No keys on a public address only when the operator says so."""
+    host, auth = settings.server.host, settings.auth
+    if auth.mode == "none" and not auth.allow_anonymous and not keys.is_loopback(host):
+        raise ConfigError(
+            f"server.host = {host!r} is not a loopback address and auth.mode = 'none': anyone "
+            "who reaches it would spend the upstream key. Set auth.mode = 'keys' with "
+            "auth.keys_file (`sseproxy create-key NAME --keys-file FILE`), or "
+            "auth.allow_anonymous = true to serve without keys on purpose")
+
+
 def _validate(settings: Settings) -> None:
     """Checks that span several keys."""
+    _check_exposure(settings)
     up = settings.upstream
     if up.kind == "local":
         raise ConfigError("upstream.kind = 'local': the bundled local model is not part of this "
@@ -558,5 +626,6 @@ def reload(
     reloaded = dataclasses.replace(
         current, **{section: getattr(fresh, section) for section in RELOADABLE}
     )
+    _check_exposure(reloaded)  # the new auth settings on the address still in use
     pending = [k for k in changed if k.split(".", 1)[0] not in RELOADABLE]
     return reloaded, [k for k in changed if k not in pending], pending

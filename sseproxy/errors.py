@@ -15,6 +15,12 @@ exceptions are translated into it once, at the boundary where they happen
     │   │                                                      limits.max_url_bytes)
     │   └── HeadersTooLarge            headers_too_large      431 (header fields over
     │                                                          limits.max_header_bytes)
+    ├── Unauthenticated                invalid_api_key        401 (auth.mode = keys: no key,
+    │                                                          an unknown key, or no session)
+    ├── Forbidden                      cross_site_request     403 (a cookie-authenticated
+    │                                  cors_origin_not_allowed     request from another site;
+    │                                                          a preflight from an origin not
+    │                                                          in server.cors_origins)
     ├── Overloaded                     overloaded             429 (an ``event: error`` on
     │                                                          EventSource URLs, never a 503)
     ├── RateLimited                    rate_limit_exceeded    429 + Retry-After, x-ratelimit-*
@@ -130,6 +136,35 @@ class UriTooLong(RequestError):
 class HeadersTooLarge(RequestError):
     status = 431
     code = "headers_too_large"
+
+
+class Unauthenticated(SSEProxyError):
+    """``auth.mode = keys`` and the request carries no valid key or session."""
+
+    status = 401
+    code = "invalid_api_key"
+    type = "invalid_request_error"
+
+    def __init__(self, message: str = "a valid API key is required: send "
+                 "'Authorization: Bearer <key>' (or log in on the chat page)") -> None:
+        super().__init__(message)
+
+    def headers(self) -> dict[str, str]:
+        return {"WWW-Authenticate": 'Bearer realm="sseproxy"'}
+
+
+class Forbidden(SSEProxyError):
+    """A browser request from a page this server does not trust."""
+
+    status = 403
+    type = "invalid_request_error"
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self._code = code
+
+    def error_code(self) -> str:
+        return self._code
 
 
 class Overloaded(SSEProxyError):

@@ -26,7 +26,7 @@ import tornado.web
 from tornado.http1connection import HTTP1Connection
 from tornado.iostream import IOStream, StreamClosedError
 
-from . import __version__, errors, models, sse, validate
+from . import __version__, access, errors, models, sse, validate
 from .config import Settings
 from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
 from .generation import Generation
@@ -89,11 +89,25 @@ class BaseHandler(tornado.web.RequestHandler):
     deps: Deps
     cfg: Settings
     request_id: str
+    #: Served without a key when ``auth.mode = keys`` (health checks, the login endpoints).
+    public = False
+    #: How the request was authenticated: ``bearer``, ``cookie``, or ``""``.
+    auth_via = ""
 
     def initialize(self, deps: Deps) -> None:
         self.deps = deps
         # One snapshot per request: a SIGHUP reload applies to requests that start after it.
         self.cfg = deps.settings
+        self.set_default_headers()
+
+    def set_default_headers(self) -> None:
+        access.default_headers(self, getattr(self, "cfg", None))
+
+    def get_current_user(self) -> str | None:
+        """The name of the client key the request carries (Bearer or session cookie); None
+        without a valid one, and always None with ``auth.mode = none``."""
+        user, self.auth_via = access.identify(self, self.cfg)
+        return user
 
     def prepare(self) -> None:
         given = self.request.headers.get("X-Request-ID", "")
@@ -101,6 +115,16 @@ class BaseHandler(tornado.web.RequestHandler):
         self.set_header("X-Request-ID", self.request_id)
         structlog.contextvars.clear_contextvars()
         structlog.contextvars.bind_contextvars(request_id=self.request_id)
+        if not self.public:
+            refused = access.refusal(self, self.cfg, self.current_user, self.auth_via)
+            if refused is not None:
+                self.send_error_object(refused)
+
+    def options(self, *args: str) -> None:
+        """A CORS preflight: ``204`` for an origin in ``server.cors_origins``, else ``403``."""
+        refused = access.preflight(self, self.cfg)
+        if refused is not None:
+            self.send_error_object(refused)
 
     def send_error_object(self, error: errors.SSEProxyError) -> None:
         """An error before any byte of the body: HTTP status + OpenAI-shaped JSON."""
@@ -400,7 +424,9 @@ class ChatCompletionsHandler(StreamingHandler):
     def prepare(self) -> None:
         super().prepare()
         self._body = bytearray()
-        self._too_large = False
+        self._too_large = self._finished  # refused (401/403): the body is read and dropped
+        if self._finished:
+            return
         limit = self.cfg.limits.max_body_bytes
         length = self.request.headers.get("Content-Length")
         if length is not None and length.isdigit() and int(length) > limit:
@@ -658,12 +684,16 @@ class PersonasHandler(BaseHandler):
 
 
 class HealthHandler(BaseHandler):
+    public = True
+
     async def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
         self.finish({"status": "ok", "version": __version__})
 
 
 class ReadyHandler(BaseHandler):
+    public = True
+
     async def get(self) -> None:
         self.set_header("Cache-Control", "no-store")
         registry = self.deps.registry
@@ -691,6 +721,8 @@ class MetricsHandler(BaseHandler):
 
 
 class NotFoundHandler(BaseHandler):
+    public = True
+
     def prepare(self) -> None:
         super().prepare()
         raise tornado.web.HTTPError(404)

@@ -53,7 +53,7 @@ from .config import Settings
 from .delta import Decoder as EventDecoder
 from .delta import Delta
 from .sse import Decoder
-from .upstream_chat import ChatDecoder
+from .upstream_chat import ChatDecoder, passed_on
 
 __all__ = ["ChatStream", "Delta", "UpstreamClient", "Waits", "make_transport", "retry_after"]
 
@@ -146,6 +146,7 @@ class UpstreamClient:
         self._headers = {"Accept": "text/event-stream", "Accept-Encoding": "identity",
                          "Content-Type": "application/json",
                          "User-Agent": f"sseproxy/{__version__}"}
+        self.api_key = api_key
         if api_key:
             self._headers["Authorization"] = f"Bearer {api_key}"
         up = settings.upstream
@@ -163,12 +164,12 @@ class UpstreamClient:
         decoder: EventDecoder
         if self.responses_api:
             payload = upstream_responses.request_body(body)
-            decoder = upstream_responses.ResponsesDecoder(relay=relay)
+            decoder = upstream_responses.ResponsesDecoder(relay=relay, secret=self.api_key)
         else:
             payload = dict(body)
             payload["stream"] = True
             payload["stream_options"] = {"include_usage": True}
-            decoder = ChatDecoder()
+            decoder = ChatDecoder(secret=self.api_key)
         headers = dict(self._headers)
         if request_id:
             headers["X-Request-ID"] = request_id
@@ -328,12 +329,8 @@ class ChatStream:
             obj = json.loads(body)
             err = obj.get("error") if isinstance(obj, dict) else None
             if isinstance(err, dict):
-                if isinstance(err.get("message"), str) and err["message"]:
-                    message = err["message"]
-                if isinstance(err.get("code"), str) and err["code"]:
-                    code = err["code"]
-                if isinstance(err.get("type"), str) and err["type"]:
-                    etype = err["type"]
+                said, code, etype = passed_on(err, self._client.api_key)
+                message = said or message
         except ValueError:
             pass
         if response.status_code in (401, 403):

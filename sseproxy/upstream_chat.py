@@ -9,6 +9,7 @@ Pure: one server-sent event's data in, one :class:`~sseproxy.delta.Delta` (or No
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import orjson
@@ -27,23 +28,53 @@ def loads(data: str) -> Any:
         return json.loads(data)
 
 
-def stream_error(err: Any, default: str) -> errors.UpstreamStreamError:
+#: An upstream's error ``code`` or ``type`` is passed on only when it looks like one.
+_TOKEN = re.compile(r"^[A-Za-z0-9_.:-]{1,64}$")
+_BEARER = re.compile(r"(?i)bearer\s+\S+")
+#: Characters of an upstream's error message passed on to a client.
+_MAX_MESSAGE_CHARS = 1000
+
+Said = tuple[str | None, str | None, str | None]
+
+
+def redact(text: str, secret: str | None) -> str:
+    """``text`` without sseproxy's upstream key (upstreams echo the request's
+    ``Authorization``, whole or in part)."""
+    if secret:
+        text = text.replace(secret, "[redacted]")
+    return _BEARER.sub("Bearer [redacted]", text)
+
+
+def passed_on(err: dict[str, Any], secret: str | None) -> Said:
+    """``(message, code, type)`` of an upstream's OpenAI error object, as a client may see
+    them: the message redacted (see :func:`redact`) and bounded; a code or type only when
+    it is a short token."""
+    message, code, etype = err.get("message"), err.get("code"), err.get("type")
+    if isinstance(message, str) and message:
+        message = redact(message, secret)[:_MAX_MESSAGE_CHARS]
+    else:
+        message = None
+    code = code if isinstance(code, str) and _TOKEN.match(code) else None
+    etype = etype if isinstance(etype, str) and _TOKEN.match(etype) else None
+    return message, code, etype
+
+
+def stream_error(err: Any, default: str, secret: str | None) -> errors.UpstreamStreamError:
     """The error an upstream reported in its stream (an OpenAI error object, or not)."""
     message, code = default, None
     if isinstance(err, dict):
-        if isinstance(err.get("message"), str) and err["message"]:
-            message = err["message"]
-        if isinstance(err.get("code"), str) and err["code"]:
-            code = err["code"]
+        said, code, _ = passed_on(err, secret)
+        message = said or default
     return errors.UpstreamStreamError(message, upstream_code=code)
 
 
 class ChatDecoder:
     """Chat-completion chunks → deltas (see :class:`~sseproxy.delta.Decoder`)."""
 
-    __slots__ = ("model", "done", "failure")
+    __slots__ = ("model", "done", "failure", "_secret")
 
-    def __init__(self) -> None:
+    def __init__(self, *, secret: str | None = None) -> None:
+        self._secret = secret
         self.model: str | None = None
         self.done = False
         self.failure: errors.SSEProxyError | None = None
@@ -60,7 +91,7 @@ class ChatDecoder:
             raise errors.MalformedFrame("the upstream sent a frame that is not a JSON object")
         err = obj.get("error")
         if err is not None:
-            raise stream_error(err, "the upstream reported an error mid-reply")
+            raise stream_error(err, "the upstream reported an error mid-reply", self._secret)
         if self.model is None and isinstance(obj.get("model"), str):
             self.model = obj["model"]
         usage = obj.get("usage")

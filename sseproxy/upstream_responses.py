@@ -32,7 +32,7 @@ from typing import Any
 
 from . import errors
 from .delta import Delta
-from .upstream_chat import loads, stream_error
+from .upstream_chat import loads, passed_on, redact, stream_error
 
 #: Log kind of an upstream Responses event relayed as it came (data: its JSON).
 RELAYED = "relayed"
@@ -127,10 +127,12 @@ def chat_usage(usage: Any) -> dict[str, Any] | None:
 class ResponsesDecoder:
     """Responses events → deltas (see :class:`~sseproxy.delta.Decoder`)."""
 
-    __slots__ = ("relay", "model", "done", "failure", "_part", "_role")
+    __slots__ = ("relay", "model", "done", "failure", "_part", "_role", "_secret")
 
-    def __init__(self, *, relay: bool = False) -> None:
+    def __init__(self, *, relay: bool = False, secret: str | None = None) -> None:
         self.relay = relay
+        #: sseproxy's upstream key: never relayed, even when an upstream echoes it.
+        self._secret = secret
         self.model: str | None = None
         self.done = False
         self.failure: errors.SSEProxyError | None = None
@@ -152,7 +154,7 @@ class ResponsesDecoder:
             data = dumps(obj)
         if kind == _TEXT_DELTA:
             return self._text(obj)
-        relayed = (RELAYED, data) if self.relay else None
+        relayed = (RELAYED, self._relayable(obj, kind, data)) if self.relay else None
         response = obj.get("response")
         response = response if isinstance(response, dict) else {}
         if self.model is None and isinstance(response.get("model"), str):
@@ -168,7 +170,8 @@ class ResponsesDecoder:
         if kind in _FAILS:
             self.done = True
             err = response.get("error") if kind == "response.failed" else obj
-            failure = stream_error(err, "the upstream reported that the response failed")
+            failure = stream_error(err, "the upstream reported that the response failed",
+                                   self._secret)
             if relayed is None:
                 raise failure
             self.failure = failure
@@ -181,6 +184,19 @@ class ResponsesDecoder:
         if relayed is None and role is None:
             return None
         return Delta(role=role, event=relayed)
+
+    def _relayable(self, obj: dict[str, Any], kind: str, data: str) -> str:
+        """The event as a client may see it: an error's message as the chat endpoint would
+        pass it on (redacted, bounded, tokens only), and never sseproxy's key."""
+        if kind in _FAILS:
+            holder = obj.get("response") if kind == "response.failed" else None
+            err = holder.get("error") if isinstance(holder, dict) else obj
+            if isinstance(err, dict):
+                message, code, _ = passed_on(err, self._secret)
+                err["message"] = message or "the upstream reported that the response failed"
+                err["code"] = code
+                data = dumps(obj)
+        return redact(data, self._secret) if self._secret and self._secret in data else data
 
     def _announce(self, role: str) -> str | None:
         if self._role:

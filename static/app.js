@@ -4,6 +4,10 @@
  * DOMPurify keeps only a short list of tags; links keep only http(s) targets and open in a
  * new tab with rel="noopener noreferrer". No request leaves the page's origin.
  * "/" is the chat; "/?compare" sends one prompt twice, unpaced and paced, side by side.
+ * With auth.mode = keys the page first asks GET /v1/session; logged out, it shows a login
+ * form that exchanges a key for an HttpOnly session cookie (POST /v1/login), which then
+ * authenticates every fetch and EventSource of the page. "Log out" ends the session and
+ * forgets the conversation kept in this browser.
  */
 'use strict';
 (() => {
@@ -89,6 +93,7 @@
       } catch {
         return this.fail({ message: 'sseproxy could not be reached.', retryable: true });
       }
+      if (res.status === 401) showLogin(true);      // the session ended
       if (!res.ok || !data) {
         return this.fail((data && data.error) || { message: `HTTP ${res.status}` });
       }
@@ -435,5 +440,69 @@
     });
   }
 
-  if (new URLSearchParams(location.search).has('compare')) compare(); else chat();
+  // --- login (auth.mode = keys) ------------------------------------------------------
+  const loginForm = $('#login-form');
+  const loginKey = $('#login-key');
+  const loginError = $('#login-error');
+  const logoutButton = $('#logout');
+  let started = false;
+  let pendingSubmit = false;
+  // A prompt sent before GET /v1/session answered is sent once the view has started.
+  composer.addEventListener('submit', (e) => {
+    if (started) return;
+    e.preventDefault();
+    pendingSubmit = true;
+  });
+
+  function showLogin(show) {
+    document.body.classList.toggle('logged-out', show);
+    $('#login').hidden = !show;
+    if (show) loginKey.focus();
+  }
+
+  function enter(session) {
+    logoutButton.hidden = !(session && session.mode === 'keys');
+    showLogin(false);
+    if (started) return;
+    started = true;
+    if (new URLSearchParams(location.search).has('compare')) compare(); else chat();
+    if (pendingSubmit) composer.requestSubmit();
+    pendingSubmit = false;
+  }
+
+  loginForm.addEventListener('submit', async (e) => {
+    e.preventDefault();
+    loginError.textContent = '';
+    let res, data;
+    try {
+      res = await fetch('/v1/login', {
+        method: 'POST', headers: { 'Content-Type': 'application/json' },
+        body: JSON.stringify({ key: loginKey.value }),
+      });
+      data = await res.json().catch(() => null);
+    } catch {
+      loginError.textContent = 'sseproxy could not be reached.';
+      return;
+    }
+    if (!res.ok || !data) {
+      loginError.textContent = (data && data.error && data.error.message) || `HTTP ${res.status}`;
+      return;
+    }
+    loginKey.value = '';
+    enter(data);
+  });
+
+  logoutButton.addEventListener('click', async () => {
+    if (current) current.stop();
+    await fetch('/v1/logout', { method: 'POST' }).catch(() => {});
+    localStorage.removeItem(HISTORY_KEY);
+    location.reload();
+  });
+
+  fetch('/v1/session', { cache: 'no-store' })
+    .then((r) => (r.ok ? r.json() : null)).catch(() => null)
+    .then((session) => {
+      if (session && session.mode === 'keys' && !session.authenticated) showLogin(true);
+      else enter(session);
+    });
 })();

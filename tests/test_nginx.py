@@ -33,7 +33,7 @@ import pytest
 from servers import Running, running, stream
 from structlog.testing import capture_logs
 
-from sseproxy import config, sse
+from sseproxy import access, config, sse
 from sseproxy.mockupstream import Scenario, make_tokens
 
 SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx.conf"
@@ -557,6 +557,9 @@ async def test_static_files_come_from_nginx_and_metrics_stay_private(io_loop: An
     assert "max-age=3600" in css.headers["cache-control"]
     assert "public" in css.headers["cache-control"] and "expires" in css.headers
     assert robots.status_code == 200 and "max-age=3600" in robots.headers["cache-control"]
+    for response in (page, css, robots):  # issue 18: as sseproxy's own StaticHandler sends
+        for name, value in access.PAGE_HEADERS.items():
+            assert response.headers[name] == value, name
     assert missing.status_code == 404
     # sseproxy saw none of those: nginx answered them itself
     assert served_by_nginx == []

@@ -135,7 +135,10 @@ async def test_answer_grows_while_streaming_and_ends_exact_then_a_second_turn_se
         def drive() -> tuple[str, str, Seen]:
             with browser_page() as (page, seen):
                 page.goto(r.url + "/")
-                page.wait_for_function("document.querySelectorAll('#persona option').length > 1")
+                # A function, not an expression string: the CSP header forbids the eval
+                # that polling an expression needs.
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#persona option').length > 1")
                 send(page, "Hello")
                 # Each snapshot is taken in one evaluation with the check that the stream
                 # is still running, so it cannot be the finished answer.
