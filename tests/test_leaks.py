@@ -62,9 +62,12 @@ class EchoUpstream(tornado.web.RequestHandler):
         self.seen.append(self.echo())
         self.fail(500)
 
-    async def post(self) -> None:  # /v1/chat/completions
+    async def post(self) -> None:  # /v1/chat/completions or /v1/responses
         self.seen.append(self.echo())
         model = json.loads(self.request.body)["model"]
+        if self.request.path.endswith("/responses"):
+            await self.responses(model)
+            return
         if model.startswith("e"):
             status = int(model[1:4])
             self.fail(status, text=model.endswith("text"))
@@ -87,6 +90,39 @@ class EchoUpstream(tornado.web.RequestHandler):
         usage = {"prompt_tokens": 1, "completion_tokens": 1, "total_tokens": 2}
         self.write(f"data: {json.dumps(chunk)}\n\n"
                    f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n")
+        self.finish()
+
+
+    async def responses(self, model: str) -> None:
+        """The same answers from a Responses upstream: its failures are events that a
+        relay passes on (``response.failed``, ``error``), each echoing the key."""
+        if model.startswith("e"):
+            self.fail(int(model[1:4]), text=model.endswith("text"))
+            return
+        if model == "hang":
+            await self.closed.wait()
+            return
+        self.set_header("Content-Type", "text/event-stream")
+        response = {"id": "resp_1", "object": "response", "model": "echo",
+                    "status": "in_progress", "output": [], "echo": self.echo()}
+        events: list[dict[str, object]] = [
+            {"type": "response.created", "response": response},
+            {"type": "response.output_text.delta", "item_id": "m1", "output_index": 0,
+             "content_index": 0, "delta": "hello "},
+        ]
+        if model == "midstream":
+            events.append({"type": "error", "code": self.echo(), "param": None,
+                           "message": f"upstream failed for {self.echo()}"})
+            events.append({"type": "response.failed", "response": dict(
+                response, status="failed", error={"code": self.echo(),
+                                                  "message": f"failed: {self.echo()}"})})
+        else:
+            events.append({"type": "response.completed", "response": dict(
+                response, status="completed", usage={
+                    "input_tokens": 1, "output_tokens": 1, "total_tokens": 2})})
+        for number, event in enumerate(events):
+            event["sequence_number"] = number
+            self.write(f"event: {event['type']}\ndata: {json.dumps(event)}\n\n")
         self.finish()
 
 
@@ -124,8 +160,9 @@ def dump(response: httpx.Response) -> str:
     return f"{response.status_code}\n{head}\n\n{response.text}"
 
 
+@pytest.mark.parametrize("api", ["chat_completions", "responses"])
 async def test_the_upstream_key_appears_in_no_response_log_line_or_metric(
-    monkeypatch: pytest.MonkeyPatch, captured_logs: io.StringIO,
+    monkeypatch: pytest.MonkeyPatch, captured_logs: io.StringIO, api: str,
 ) -> None:
     monkeypatch.setenv(KEY_ENV, KEY)
     seen: list[str] = []
@@ -134,6 +171,7 @@ async def test_the_upstream_key_appears_in_no_response_log_line_or_metric(
     async with echo_upstream(seen) as upstream_url:
         async with running(upstream_url=upstream_url, personas=personas,
                            upstream__kind="openai", upstream__api_key_env=KEY_ENV,
+                           upstream__api=api,
                            upstream__first_token_timeout_s=0.5,
                            upstream__idle_timeout_s=0.5) as r:
             async with httpx.AsyncClient(base_url=r.url, timeout=20) as c:
