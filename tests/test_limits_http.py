@@ -17,7 +17,7 @@ import openai
 import pytest
 from servers import Running, eventually, running, stream
 
-from sseproxy import handlers
+from sseproxy import keys
 from sseproxy.mockupstream import Scenario
 
 LONG = Scenario(rate=10, tokens=1000)
@@ -171,22 +171,36 @@ async def test_a_background_response_holds_its_permit_until_it_ends(io_loop: Any
     assert after.status_code == 200
 
 
-async def test_each_key_has_its_own_budget_and_override(
-        io_loop: Any, monkeypatch: pytest.MonkeyPatch, tmp_path: Any) -> None:
-    # Authentication is another module's job: here the key's name comes from a header.
-    monkeypatch.setattr(handlers.BaseHandler, "get_current_user",
-                        lambda self: self.request.headers.get("X-Test-Key"))
+async def test_each_key_has_its_own_budget_and_override(io_loop: Any, tmp_path: Any) -> None:
+    # Real client keys (auth.mode = keys): the budget is the key's, by its name.
+    secrets = {name: keys.new_key() for name in ("a", "big")}
+    keys_file = tmp_path / "keys"
+    keys_file.write_text("".join(keys.key_line(n, k) + "\n" for n, k in secrets.items()))
     path = tmp_path / "limits.toml"
     path.write_text("[pacing]\nmode = \"off\"\n[limits]\nkey_requests_per_minute = 1\n"
-                    "[limits.keys.big]\nrequests_per_minute = 3\n")
+                    "[limits.keys.big]\nrequests_per_minute = 3\n"
+                    f"[auth]\nmode = \"keys\"\nkeys_file = \"{keys_file}\"\n")
     async with running(Scenario(rate=0, tokens=2), config_file=str(path)) as r, \
             httpx.AsyncClient() as c:
         async def post(key: str | None) -> int:
-            headers = {"X-Test-Key": key} if key else {}
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
             got = await c.post(r.url + "/v1/chat/completions", headers=headers,
                                json={"model": "m", "messages": CHAT})
             return got.status_code
 
-        statuses = {key: [await post(key) for _ in range(4)] for key in ("a", "big", None)}
+        statuses = {name: [await post(secrets.get(name)) for _ in range(4)]
+                    for name in ("a", "big", None)}
+        stats = await r.mock_stats()
     assert statuses == {"a": [200, 429, 429, 429], "big": [200, 200, 200, 429],
-                        None: [200, 429, 429, 429]}
+                        None: [401, 401, 401, 401]}
+    assert stats["requests"] == 4
+
+
+async def test_without_client_keys_every_client_shares_the_anonymous_budget(
+        io_loop: Any) -> None:
+    async with running(Scenario(rate=0, tokens=2), limits__key_requests_per_minute=2) as r, \
+            httpx.AsyncClient() as c:
+        statuses = [(await c.post(r.url + "/v1/chat/completions", headers=headers,
+                                  json={"model": "m", "messages": CHAT})).status_code
+                    for headers in ({}, {"X-Forwarded-For": "10.0.0.9"}, {})]
+    assert statuses == [200, 200, 429]
