@@ -193,9 +193,10 @@ class ResponsesDecoder:
             err = holder.get("error") if isinstance(holder, dict) else obj
             if isinstance(err, dict):
                 message, code, _ = passed_on(err, self._secret)
-                err["message"] = message or "the upstream reported that the response failed"
-                err["code"] = code
-                data = dumps(obj)
+                message = message or "the upstream reported that the response failed"
+                if (message, code) != (err.get("message"), err.get("code")):
+                    err["message"], err["code"] = message, code
+                    data = dumps(obj)
         return redact(data, self._secret) if self._secret and self._secret in data else data
 
     def _announce(self, role: str) -> str | None:

@@ -92,7 +92,6 @@ class EchoUpstream(tornado.web.RequestHandler):
                    f"data: {json.dumps({'choices': [], 'usage': usage})}\n\ndata: [DONE]\n\n")
         self.finish()
 
-
     async def responses(self, model: str) -> None:
         """The same answers from a Responses upstream: its failures are events that a
         relay passes on (``response.failed``, ``error``), each echoing the key."""

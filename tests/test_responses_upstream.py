@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import time
 from collections.abc import Iterator
 from typing import Any
 
@@ -217,7 +218,12 @@ async def test_a_background_response_resumes_from_another_instance_on_redis(
             response_id = first[0].response.id
             await a.wait_mock("completed", 1, within=10.0)  # it ran on without a client
             await eventually(lambda: a.deps.registry.get(response_id) is None, what="the end")
-            stored = await client_b.responses.retrieve(response_id)
+            # A's last events reach Redis a moment after its generation ended: until then
+            # B truthfully reports the response in progress.
+            deadline = time.monotonic() + 10
+            while (stored := await client_b.responses.retrieve(response_id)).status != \
+                    "completed" and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             rest: list[Any] = [e async for e in await client_b.responses.retrieve(
                 response_id, stream=True, starting_after=cut)]
             await client_a.close()
