@@ -584,3 +584,20 @@ async def test_a_released_body_no_longer_pauses_its_connection(io_loop: Any) -> 
             body.pause()
             assert not other._conn._reading_paused
             await pushed(second)
+
+
+# --- what is sent (issue 18) -----------------------------------------------------------
+
+@pytest.mark.parametrize("name, value", [
+    ("X-Key", "sk-1\r\nX-Injected: 1"), ("X-Key", "sk-1\n"), ("X-Key", "a\x00b"),
+    ("X-Key\r\nX-Injected", "1"), ("X Key", "1"), ("X:Key", "1"),
+])
+async def test_a_header_that_could_smuggle_a_line_is_refused_before_anything_is_sent(
+    io_loop: Any, name: str, value: str,
+) -> None:
+    async with serving(answer(OK_HEAD + b"Content-Length: 0\r\n\r\n")) as server, \
+            client() as http:
+        with pytest.raises(httpx.LocalProtocolError) as refused:
+            await http.get(f"http://127.0.0.1:{server.port}/", headers={name: value})
+        assert "sk-1" not in str(refused.value)  # a value may be a key: never shown
+        assert server.connections == 0 and server.requests == []

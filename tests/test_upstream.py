@@ -372,3 +372,24 @@ def test_retry_after_is_whole_seconds_in_range_or_dropped(
     # Issue 13: a bare CR or a non-ASCII byte was a 500; 60,000 characters passed on.
     now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
     assert upstream.retry_after(httpx.Headers(raw), now=now) == expected
+
+
+async def test_the_httpx_transport_goes_through_the_proxy_the_environment_names(
+    io_loop: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 18: an operator behind an egress proxy sets HTTPS_PROXY (here HTTP_PROXY, for a
+    # plain-HTTP upstream); the fast transport has no proxies, httpx's own takes it.
+    async with serving(answer(CHUNKED + chunked(*GOOD))) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        settings = config.Settings(upstream=config.UpstreamSettings(
+            kind="openai", base_url="http://upstream.invalid/v1", transport="httpx"))
+        up = UpstreamClient(settings, make_transport(settings))
+        try:
+            deltas = await collect(up)
+        finally:
+            await up.aclose()
+    assert "".join(d.content for d in deltas) == "Hello"
+    assert proxy.requests[0].startswith(
+        b"POST http://upstream.invalid/v1/chat/completions HTTP/1.1\r\n")
