@@ -433,6 +433,7 @@ class _Connection(asyncio.BufferedProtocol):
     def _parse_failed(self, exc: httptools.HttpParserError) -> None:
         """The parse stopped: llhttp's error, one a callback raised, or a HEAD answer."""
         stop, self._stop = self._stop, None
+        self._pieces = []  # what the read held before the error is not delivered
         if isinstance(stop, _HeadOnly):
             return
         self.abort(stop if stop is not None else self._parse_error(exc))
