@@ -101,6 +101,9 @@ class UpstreamSettings:
     max_connections: int = field(default=1000, metadata=_range(1, 1_000_000))
     max_keepalive_connections: int = field(default=100, metadata=_range(0, 1_000_000))
     keepalive_expiry_s: float = field(default=30.0, metadata=_range(0, 3600))
+    #: ``fast``: sseproxy's own HTTP/1.1 transport (``h1.py``, llhttp); ``httpx``: httpx's
+    #: own (httpcore and h11), which also takes a proxy from ``HTTPS_PROXY`` and the like.
+    transport: str = field(default="fast", metadata=_choice("fast", "httpx"))
 
 
 @dataclass(frozen=True)

@@ -46,6 +46,7 @@ from collections import deque
 from collections.abc import AsyncIterator, Callable
 from typing import cast
 
+import httptools
 import httpx
 
 #: A response head larger than this is refused.
@@ -60,8 +61,9 @@ DRAIN_TIMEOUT_S = 1.0
 #: The receive buffer of every connection (see :class:`_Connection`).
 _RECEIVE_VIEW = memoryview(bytearray(64 * 1024))
 
-_HEAD_END = re.compile(rb"\r?\n\r?\n")
-_CHUNK_SIZE = re.compile(rb"[0-9A-Fa-f]{1,16}")
+#: CR, LF and NUL: never in a request header's name or value (header injection).
+_UNSAFE = re.compile(rb"[\r\n\0]")
+_TOKEN = re.compile(rb"[-!#$%&'*+.^_`|~0-9A-Za-z]+")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 _IDEMPOTENT = frozenset({b"GET", b"HEAD", b"PUT", b"DELETE", b"OPTIONS", b"TRACE"})
 
@@ -74,77 +76,66 @@ class _NotSent(NoResponse):
     """The connection was closed before anything of the request was written."""
 
 
+class _HeadOnly(Exception):
+    """Stops llhttp after the head of an answer to HEAD (see on_headers_complete)."""
+
+
 Origin = tuple[str, str, int]
 OnData = Callable[[bytes], None]
 OnEnd = Callable[[BaseException | None], None]
 
 
 class _Head:
-    __slots__ = ("status", "reason", "version", "headers", "framing", "length", "keep_alive")
+    __slots__ = ("status", "reason", "version", "headers", "framing", "keep_alive")
 
     def __init__(self, status: int, reason: bytes, version: bytes,
-                 headers: list[tuple[bytes, bytes]]) -> None:
+                 headers: list[tuple[bytes, bytes]], framing: str, keep_alive: bool) -> None:
         self.status = status
         self.reason = reason
         self.version = version
         self.headers = headers
-        self.framing = "close"
-        self.length = 0
-        self.keep_alive = version == b"HTTP/1.1"
+        self.framing = framing  # "none", "length", "chunked" or "close"
+        self.keep_alive = keep_alive and framing != "close"
 
 
-def parse_head(raw: bytes, method: bytes) -> _Head:
-    """Parse a response head (status line and headers, without the blank line)."""
-    lines = raw.replace(b"\r\n", b"\n").split(b"\n")
-    parts = lines[0].split(b" ", 2)
-    if len(parts) < 2 or not parts[0].startswith(b"HTTP/1.") or not parts[1].isdigit() \
-            or len(parts[1]) != 3 or parts[1] < b"100":
-        raise httpx.RemoteProtocolError(f"malformed status line {lines[0][:80]!r}")
-    head = _Head(int(parts[1]), parts[2] if len(parts) > 2 else b"", parts[0], [])
-    for line in lines[1:]:
-        if line[:1] in (b" ", b"\t") and head.headers:  # obsolete line folding
-            name, value = head.headers[-1]
-            head.headers[-1] = (name, value + b" " + line.strip(b" \t"))
-            continue
-        name, sep, value = line.partition(b":")
-        if not sep or not name or name != name.strip(b" \t"):
-            raise httpx.RemoteProtocolError(f"malformed header line {line[:80]!r}")
-        head.headers.append((name, value.strip(b" \t")))
-    lengths: set[bytes] = set()
+def _framing(method: bytes, status: int, headers: list[tuple[bytes, bytes]]) -> str:
+    """How the body of a final answer ends; refuses what llhttp reads but h11 does not."""
     codings: list[bytes] = []
-    for name, value in head.headers:
+    length: bytes | None = None
+    for name, value in headers:
         key = name.lower()
         if key == b"transfer-encoding":
-            codings += (c.strip().lower() for c in value.split(b","))
+            codings += (c.strip(b" \t").lower() for c in value.split(b","))
         elif key == b"content-length":
-            lengths.update(v.strip() for v in value.split(b","))
-        elif key == b"connection":
-            tokens = {t.strip().lower() for t in value.split(b",")}
-            if b"close" in tokens:
-                head.keep_alive = False
-            elif b"keep-alive" in tokens and head.version == b"HTTP/1.0":
-                head.keep_alive = True
-    if head.status == 101:
-        raise httpx.RemoteProtocolError("the server switched protocols, which was not asked")
+            length = value  # llhttp has checked it: digits, given once, without chunked
     if codings and codings != [b"chunked"]:
-        # gzip, chunked; identity; chunked twice: h11 refuses them, and so does this.
+        # gzip, chunked; identity; chunked twice: llhttp reads some of them until the
+        # connection closes, h11 refuses them, and so does this.
         raise httpx.RemoteProtocolError(
             f"unsupported Transfer-Encoding {b', '.join(codings)[:80]!r}")
-    if method == b"HEAD" or head.status in (204, 304) or 100 <= head.status < 200:
-        head.framing = "none"
-    elif codings:
-        head.framing = "chunked"
-        if lengths or head.version == b"HTTP/1.0":
-            head.keep_alive = False  # RFC 9112 6.1 and 6.3: framing in doubt, do not reuse
-    elif lengths:
-        if len(lengths) != 1 or not next(iter(lengths)).isdigit():
-            raise httpx.RemoteProtocolError("malformed Content-Length")
-        head.framing, head.length = "length", int(next(iter(lengths)))
-        if head.length == 0:
-            head.framing = "none"
-    if head.framing == "close":
-        head.keep_alive = False
-    return head
+    if method == b"HEAD" or status in (204, 304):
+        return "none"
+    if codings:
+        return "chunked"
+    if length is not None:
+        return "length" if length.strip(b" \t") != b"0" else "none"
+    return "close"
+
+
+def _request_head(method: bytes, target: bytes, headers: list[tuple[bytes, bytes]]) -> bytes:
+    """The request line and headers; refuses what could smuggle a line into them (the
+    value is not echoed: it may be a key)."""
+    if _TOKEN.fullmatch(method) is None or _UNSAFE.search(target) is not None:
+        raise httpx.LocalProtocolError(f"refused to send a malformed request line "
+                                       f"({method[:20]!r})")
+    lines = [method + b" " + target + b" HTTP/1.1"]
+    for name, value in headers:
+        if _TOKEN.fullmatch(name) is None or _UNSAFE.search(value) is not None:
+            raise httpx.LocalProtocolError(
+                f"refused to send the request header {name[:40]!r}: its name is not a token "
+                "or its value holds CR, LF or NUL")
+        lines.append(name + b": " + value)
+    return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
 def content_encoding(headers: list[tuple[bytes, bytes]]) -> bytes:
@@ -315,17 +306,22 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         self.used = False
         self._method = b"GET"
-        self._buf = bytearray()
         self._head_waiter: asyncio.Future[_Head] | None = None
         self._head: _Head | None = None
         self.body: Body | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
         self._write_paused = False
         self._reading_paused = False
-        # body framing state
-        self._left = 0  # bytes left in the current chunk, or of a Content-Length body
-        self._state = 0  # chunked: 0 size line, 1 data, 2 CRLF after data, 3 trailers
-        self._line = b""
+        # the response being parsed (a new parser for every request)
+        self._parser: httptools.HttpResponseParser | None = None
+        self._status_line = False  # the status line has been read (for error messages)
+        self._reason = b""
+        self._headers: list[tuple[bytes, bytes]] = []
+        self._fed = 0  # bytes given to the parser before the final head was complete
+        self._quiet = 0  # bytes of framing alone since the last piece of body
+        self._pieces: list[bytes] = []  # body parsed from the current read
+        self._done = False  # the final answer has ended
+        self._stop: BaseException | None = None  # raised by a callback to stop the parse
         self._drain_timer: asyncio.TimerHandle | None = None
         self._any_byte = False
         self._aborted = False
@@ -382,126 +378,146 @@ class _Connection(asyncio.BufferedProtocol):
 
     def data_received(self, data: bytes) -> None:
         self._any_byte = True
-        if self._head is None:
-            self._receive_head(data)
-            return
-        body = self.body
-        if body is None or body.complete or body.error is not None:
+        parser = self._parser
+        if parser is None or self._done:
             if data.strip():
                 self.abort(httpx.RemoteProtocolError("the server sent bytes after a response"))
             return
-        head = self._head
-        if head.framing == "chunked":
-            self._receive_chunked(data, body)
-        elif head.framing == "length":
-            if len(data) >= self._left:
-                extra = data[self._left:]
-                data = data[:self._left]
-                self._left = 0
-                if data:
-                    body._deliver(data)
-                self._body_done(body)
-                if extra.strip():
-                    self.abort(httpx.RemoteProtocolError("the server sent more than its "
-                                                         "Content-Length"))
-            else:
-                self._left -= len(data)
-                body._deliver(data)
+        if self._head is None:
+            self._receive_head(data, parser)
+            return
+        try:
+            parser.feed_data(data)
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            self._quiet = 0
+            body = self.body
+            if body is not None:
+                body._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        elif not self._done:
+            # Only framing came (chunk-size lines, extensions, trailers): llhttp keeps no
+            # limit on them, and httptools gathers a trailer in memory until it ends.
+            self._quiet += len(data)
+            if self._quiet > MAX_LINE_BYTES:
+                self.abort(httpx.RemoteProtocolError("a chunk line is too long"))
+
+    # --- the response: parsed by llhttp, which calls these back from feed_data ------------
+
+    def _receive_head(self, data: bytes, parser: httptools.HttpResponseParser) -> None:
+        room = MAX_HEAD_BYTES - self._fed
+        part = data if len(data) <= room else data[:room]
+        self._fed += len(part)
+        try:
+            parser.feed_data(part)
+        except httptools.HttpParserError as exc:
+            self._parse_failed(exc)
+            return
+        if self.lost:
+            return
+        if self._head is None:
+            if part is not data:
+                self.abort(httpx.RemoteProtocolError("the response head is too large"))
+            return
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            assert self.body is not None
+            self.body._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        if part is not data:
+            self.data_received(data[len(part):])
+
+    def _parse_failed(self, exc: httptools.HttpParserError) -> None:
+        """The parse stopped: llhttp's error, one a callback raised, or a HEAD answer."""
+        stop, self._stop = self._stop, None
+        self._pieces = []  # what the read held before the error is not delivered
+        if isinstance(stop, _HeadOnly):
+            return
+        self.abort(stop if stop is not None else self._parse_error(exc))
+
+    def _parse_error(self, exc: httptools.HttpParserError) -> httpx.RemoteProtocolError:
+        """llhttp's error, told in the words of the part of the response it hit."""
+        reason = str(exc) or type(exc).__name__
+        if self._head is None:
+            in_status = not self._status_line or "response line" in reason
+            what = "malformed status line" if in_status else "malformed header line"
+        elif "chunk size" in reason.lower():
+            what = "malformed chunk size"
+        elif "after chunk data" in reason:
+            what = "a chunk did not end with CRLF"
         else:
-            body._deliver(data)
+            what = "malformed body framing"
+        return httpx.RemoteProtocolError(f"{what} ({reason})")
 
-    # --- the response --------------------------------------------------------------------
+    def _refuse_head(self, message: str) -> None:
+        self._stop = httpx.RemoteProtocolError(message)
+        raise self._stop
 
-    def _receive_head(self, data: bytes) -> None:
-        buf = self._buf
-        if not buf:
-            data = data.lstrip(b"\r\n")  # empty lines before a status line are ignored
-            if not data:
-                return
-        start = max(0, len(buf) - 3)
-        buf += data
-        while True:
-            match = _HEAD_END.search(buf, start)
-            if match is None:
-                if len(buf) > MAX_HEAD_BYTES:
-                    self.abort(httpx.RemoteProtocolError("the response head is too large"))
-                return
-            try:
-                head = parse_head(bytes(buf[:match.start()]), self._method)
-            except httpx.RemoteProtocolError as exc:
-                self.abort(exc)
-                return
-            rest = bytes(buf[match.end():])
-            buf.clear()
-            if 100 <= head.status < 200:
-                buf += rest  # an interim answer (100 Continue, 103 Early Hints): skip it
-                start = 0
-                continue
-            break
+    def on_message_begin(self) -> None:
+        if self._head is not None:
+            self._refuse_head("the server sent bytes after a response")
+
+    def on_status(self, reason: bytes) -> None:
+        self._status_line = True
+        self._reason += reason
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        self._status_line = True
+        if self._head is None:  # after the head: a trailer, read past
+            self._headers.append((name, value.rstrip(b" \t")))
+
+    def on_headers_complete(self) -> None:
+        parser = self._parser
+        assert parser is not None
+        self._status_line = True
+        status = parser.get_status_code()
+        version = parser.get_http_version()
+        if version not in ("1.1", "1.0") or status < 100:
+            self._refuse_head(f"malformed status line (HTTP/{version} {status})")
+        headers, self._headers = self._headers, []
+        reason, self._reason = self._reason, b""
+        self._status_line = False
+        if status == 101:
+            self._refuse_head("the server switched protocols, which was not asked")
+        if status < 200:
+            return  # an interim answer (100 Continue, 103 Early Hints): read past it
+        try:
+            framing = _framing(self._method, status, headers)
+        except httpx.RemoteProtocolError as exc:
+            self._stop = exc
+            raise
+        head = _Head(status, reason, b"HTTP/" + version.encode(), headers, framing,
+                     parser.should_keep_alive())
         self._head = head
-        self.body = Body(self, head)
-        self._left = head.length
-        self._state = 0
-        self._line = b""
+        self.body = body = Body(self, head)
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(head)
-        if head.framing == "none":
-            self._body_done(self.body)
-        if rest:
-            self.data_received(rest)  # queued in the body until its consumer comes
+        if self._method == b"HEAD":
+            # llhttp cannot be told that a HEAD answer has no body (httptools has no way
+            # to say so): the parse stops here, and the connection is not reused.
+            head.keep_alive = False
+            self._done = True
+            self._body_done(body)
+            self._stop = _HeadOnly()
+            raise self._stop
 
-    def _receive_chunked(self, data: bytes, body: Body) -> None:
-        pos, end = 0, len(data)
-        pieces: list[bytes] = []
-        while pos < end:
-            if self._state == 1:
-                take = min(self._left, end - pos)
-                pieces.append(data if take == end and pos == 0 else data[pos:pos + take])
-                pos += take
-                self._left -= take
-                if self._left == 0:
-                    self._state = 2
-                continue
-            nl = data.find(b"\n", pos)
-            if nl < 0:
-                self._line += data[pos:]
-                if len(self._line) > MAX_LINE_BYTES:
-                    self.abort(httpx.RemoteProtocolError("a chunk line is too long"))
-                    return
-                break
-            line = data[pos:nl]
-            if self._line:
-                line, self._line = self._line + line, b""
-            pos = nl + 1
-            if line.endswith(b"\r"):
-                line = line[:-1]
-            if self._state == 0:
-                size = line.split(b";", 1)[0].strip(b" \t")
-                if _CHUNK_SIZE.fullmatch(size) is None:
-                    self.abort(httpx.RemoteProtocolError(f"malformed chunk size {line[:40]!r}"))
-                    return
-                self._left = int(size, 16)
-                self._state = 1 if self._left else 3
-            elif self._state == 2:
-                if line:
-                    self.abort(httpx.RemoteProtocolError("a chunk did not end with CRLF"))
-                    return
-                self._state = 0
-            elif not line:  # state 3: the blank line after the trailers ends the body
-                if len(pieces) == 1:
-                    body._deliver(pieces[0])
-                elif pieces:
-                    body._deliver(b"".join(pieces))
-                self._body_done(body)
-                if data[pos:].strip():
-                    self.abort(httpx.RemoteProtocolError("the server sent bytes after a "
-                                                         "response"))
-                return
-        if len(pieces) == 1:
-            body._deliver(pieces[0])
-        elif pieces:
-            body._deliver(b"".join(pieces))
+    def on_body(self, data: bytes) -> None:
+        self._pieces.append(data)
+
+    def on_message_complete(self) -> None:
+        body = self.body
+        if self._head is None or body is None:
+            return  # an interim answer ended
+        self._done = True
+        pieces = self._pieces
+        if pieces:
+            self._pieces = []
+            body._deliver(pieces[0] if len(pieces) == 1 else b"".join(pieces))
+        self._body_done(body)
 
     def _body_done(self, body: Body) -> None:
         body._end(None)
@@ -520,6 +536,14 @@ class _Connection(asyncio.BufferedProtocol):
         self._head = None
         self.body = None
         self._any_byte = False
+        self._parser = httptools.HttpResponseParser(self)
+        self._status_line = False
+        self._reason = b""
+        self._headers = []
+        self._fed = self._quiet = 0
+        self._pieces = []
+        self._done = False
+        self._stop = None
         loop = asyncio.get_running_loop()
         self._head_waiter = head_waiter = loop.create_future()
         self.transport.write(head + content if len(content) < 64 * 1024 else head)
@@ -766,9 +790,7 @@ class H1Transport(httpx.AsyncBaseTransport):
         content = await request.aread()
         method = request.method.encode("ascii")
         target = url.raw_path or b"/"
-        lines = [method + b" " + target + b" HTTP/1.1"]
-        lines += [name + b": " + value for name, value in request.headers.raw]
-        head = b"\r\n".join(lines) + b"\r\n\r\n"
+        head = _request_head(method, target, request.headers.raw)
         replayable = method in _IDEMPOTENT or "idempotency-key" in request.headers
         fresh = False
         while True:

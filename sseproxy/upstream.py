@@ -52,6 +52,7 @@ from . import __version__, errors, h1, upstream_responses
 from .config import Settings
 from .delta import Decoder as EventDecoder
 from .delta import Delta
+from .envproxy import EnvProxyTransport
 from .sse import Decoder
 from .upstream_chat import ChatDecoder, passed_on
 
@@ -71,7 +72,7 @@ class Waits(Protocol):
     def end(self) -> None: ...
 
 
-def make_transport(settings: Settings) -> h1.H1Transport:
+def make_transport(settings: Settings) -> httpx.AsyncBaseTransport:
     """The process's upstream connection pool, with explicit limits."""
     up = settings.upstream
     limits = httpx.Limits(
@@ -79,6 +80,10 @@ def make_transport(settings: Settings) -> h1.H1Transport:
         max_keepalive_connections=up.max_keepalive_connections,
         keepalive_expiry=up.keepalive_expiry_s,
     )
+    if up.transport == "httpx":
+        # httpx's own (httpcore, h11): bodies are pulled, a proxy may come from the
+        # environment; slower per token, but nothing of sseproxy's own below the request.
+        return EnvProxyTransport(limits=limits)
     # sseproxy's own HTTP/1.1 transport: streamed bodies are parsed as they arrive,
     # without a task switch, h11's state machine or a timeout scope per chunk (see h1.py).
     return h1.H1Transport(limits=limits, ssl_context=httpx.create_ssl_context(trust_env=False))
@@ -296,8 +301,8 @@ class ChatStream:
                 f"the upstream answered {content_type[:80] or 'no Content-Type'} "
                 "instead of an event stream"
             )
-        if isinstance(response.extensions.get("sseproxy_body"), h1.Body) \
-                and h1.content_encoding(response.headers.raw) != b"identity":
+        if h1.content_encoding(response.headers.raw) != b"identity":
+            # On every transport (issue 18): a pulled body would be inflated unbounded.
             await self.aclose()
             raise errors.UpstreamProtocolError(
                 "the upstream compressed its event stream, though sseproxy asked for "

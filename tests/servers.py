@@ -31,6 +31,9 @@ from sseproxy.config import Persona, Settings
 from sseproxy.handlers import Deps
 
 
+#: ``upstream.transport`` unless a test sets it (the ``upstream_transport`` fixture of
+#: conftest.py runs a suite on each).
+UPSTREAM_TRANSPORT = "fast"
 #: How long the simulator thread may take to start or to stop.
 SIMULATOR_TIMEOUT_S = 10.0
 
@@ -190,7 +193,7 @@ async def _sseproxy(
     config_file: str | None,
     overrides: dict[str, Any],
 ) -> AsyncIterator[Running]:
-    keys: dict[str, Any] = {"upstream.kind": "mock",
+    keys: dict[str, Any] = {"upstream.kind": "mock", "upstream.transport": UPSTREAM_TRANSPORT,
                             "upstream.base_url": upstream_url or mock_url + "/v1"}
     if config_file is None:
         # Relay tests count one event per upstream delta, so pacing is off unless a test

@@ -20,10 +20,15 @@ from typing import Any
 from urllib.parse import quote
 
 import httpx
+import pytest
+import servers
 from servers import simulator
 from test_cli import free_port, process
 
 from sseproxy.mockupstream import Scenario
+
+# The relay suites run on both upstream transports (issue 18; see conftest.py).
+pytestmark = pytest.mark.usefixtures("upstream_transport")
 
 CHAT = [{"role": "user", "content": "hi"}]
 MIB = 1 << 20
@@ -45,7 +50,8 @@ def toml_value(value: Any) -> str:
 async def sseproxy(tmp_path: Path, keys: dict[str, Any]) -> AsyncIterator[tuple[str, int]]:
     """``sseproxy serve`` with ``keys`` (``"section.key": value``); yields its URL and PID."""
     sections: dict[str, list[str]] = {}
-    for key, value in {"pacing.mode": "off", **keys}.items():
+    defaults = {"pacing.mode": "off", "upstream.transport": servers.UPSTREAM_TRANSPORT}
+    for key, value in {**defaults, **keys}.items():
         section, name = key.split(".", 1)
         sections.setdefault(section, []).append(f"{name} = {toml_value(value)}")
     conf = tmp_path / "sseproxy.toml"

@@ -24,6 +24,9 @@ from servers import running, stream
 
 from sseproxy import upstream
 
+# The relay suites run on both upstream transports (issue 18; see conftest.py).
+pytestmark = pytest.mark.usefixtures("upstream_transport")
+
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 
 
@@ -246,7 +249,6 @@ async def test_an_event_over_max_event_bytes_ends_the_stream_with_bounded_memory
 # --- 4. point 7: odd answers --------------------------------------------------------------
 
 @pytest.mark.parametrize("behaviour, expected", [
-    ("retry-after-cr", "1"),
     ("retry-after-non-ascii", "1"),
     ("retry-after-garbage", "1"),
     ("retry-after-long", str(upstream.RETRY_AFTER_MAX_S)),
@@ -272,11 +274,12 @@ async def test_an_upstream_429_passes_on_a_normalized_retry_after(
         assert value == expected
 
 
-@pytest.mark.parametrize("behaviour", ["status-000", "te-gzip-chunked"])
+@pytest.mark.parametrize("behaviour", ["status-000", "te-gzip-chunked", "retry-after-cr"])
 async def test_a_malformed_response_head_is_an_upstream_protocol_error(
     io_loop: Any, bad: Hostile, behaviour: str,
 ) -> None:
-    # Both were accepted (h11 refuses them); head errors were labelled unreachable.
+    # Both were accepted (h11 refuses them); head errors were labelled unreachable. A bare
+    # CR in a header value (Retry-After: 5\r7) is refused by llhttp and h11 alike (issue 18).
     async with running(upstream_url=bad.base_url(behaviour)) as r:
         async with httpx.AsyncClient(timeout=10) as client:
             resp = await client.post(r.url + "/v1/chat/completions", json={
@@ -293,6 +296,8 @@ async def test_a_malformed_response_head_is_an_upstream_protocol_error(
     assert (label, unreachable) == (2, 0)
 
 
+# httpx's own transport (httpcore) fails the write and never reads the early answer.
+@pytest.mark.fast_transport
 async def test_an_upstream_413_sent_before_the_body_was_read_is_passed_on(
     io_loop: Any, bad: Hostile,
 ) -> None:

@@ -188,7 +188,7 @@ async def test_each_key_has_its_own_budget_and_override(io_loop: Any, tmp_path: 
                                json={"model": "m", "messages": CHAT})
             return got.status_code
 
-        statuses = {name: [await post(secrets.get(name)) for _ in range(4)]
+        statuses = {name: [await post(secrets.get(name or "")) for _ in range(4)]
                     for name in ("a", "big", None)}
         stats = await r.mock_stats()
     assert statuses == {"a": [200, 429, 429, 429], "big": [200, 200, 200, 429],

@@ -25,6 +25,9 @@ from sseproxy import app, sse
 from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
+# The relay suites run on both upstream transports (issue 18; see conftest.py).
+pytestmark = pytest.mark.usefixtures("upstream_transport")
+
 FAST = Scenario(rate=0, tokens=12)
 CHAT: list[ChatCompletionMessageParam] = [{"role": "user", "content": "hi"}]
 

@@ -264,11 +264,13 @@ async def test_a_body_that_is_not_an_event_stream_is_refused_before_acceptance(
         await collect(client(handler))
 
 
-async def test_undecodable_body_is_a_malformed_frame(io_loop: Any) -> None:
+async def test_a_compressed_event_stream_is_refused_on_any_transport(io_loop: Any) -> None:
+    # Issue 18: httpx would inflate a pulled body without a bound (a gzip bomb); sseproxy
+    # asks for identity and refuses anything else, whichever transport reads the body.
     handler, _ = responder(parts=[b"this is not gzip"],
                            headers={"Content-Type": "text/event-stream",
                                     "Content-Encoding": "gzip"})
-    with pytest.raises(errors.MalformedFrame, match="cannot be decoded"):
+    with pytest.raises(errors.UpstreamProtocolError, match="compressed its event stream"):
         await collect(client(handler))
 
 
@@ -283,14 +285,15 @@ async def test_a_role_chunk_does_not_end_the_first_token_deadline(io_loop: Any) 
 # --- on sseproxy's own transport (bytes pushed from a scripted server on loopback) -------
 
 
-def loopback_client(port: int, **upstream: Any) -> UpstreamClient:
+def loopback_client(port: int, transport: str, **upstream: Any) -> UpstreamClient:
     settings = config.Settings(upstream=config.UpstreamSettings(
-        kind="openai", base_url=f"http://127.0.0.1:{port}/v1", **upstream))
+        kind="openai", base_url=f"http://127.0.0.1:{port}/v1", transport=transport,
+        **upstream))
     return UpstreamClient(settings, make_transport(settings))
 
 
 async def test_the_idle_deadline_starts_at_the_first_token_not_the_first_token_budget(
-    io_loop: Any,
+    io_loop: Any, upstream_transport: str,
 ) -> None:
     # A generous first-token budget (thinking models) must not delay the idle timeout once
     # tokens flow: one token, then silence, is an idle timeout after idle_timeout_s.
@@ -302,7 +305,8 @@ async def test_the_idle_deadline_starts_at_the_first_token_not_the_first_token_b
         await reader.read()
 
     async with serving(script) as server:
-        up = loopback_client(server.port, first_token_timeout_s=5, idle_timeout_s=0.2)
+        up = loopback_client(server.port, upstream_transport, first_token_timeout_s=5,
+                             idle_timeout_s=0.2)
         loop = asyncio.get_running_loop()
         started = loop.time()
         got: list[str] = []
@@ -325,11 +329,15 @@ class Watch:
         self.calls.append("end")
 
 
-async def test_pause_and_resume_do_nothing_once_the_reply_ended(io_loop: Any) -> None:
+# On httpx's transport a paused stream stops pulling until it is resumed, as it should.
+@pytest.mark.fast_transport
+async def test_pause_and_resume_do_nothing_once_the_reply_ended(
+    io_loop: Any, upstream_transport: str,
+) -> None:
     # A reply can fill the channel (pause) and end in one read; resuming later must not
     # touch the connection (another stream may own it now) nor start an upstream wait.
     async with serving(answer(CHUNKED + chunked(*GOOD))) as server:
-        up = loopback_client(server.port)
+        up = loopback_client(server.port, upstream_transport)
         watch = Watch()
         async with up.open({"model": "m", "messages": []}) as s:
             s.waits = watch
@@ -364,3 +372,24 @@ def test_retry_after_is_whole_seconds_in_range_or_dropped(
     # Issue 13: a bare CR or a non-ASCII byte was a 500; 60,000 characters passed on.
     now = 1445412480.0  # Wed, 21 Oct 2015 07:28:00 GMT
     assert upstream.retry_after(httpx.Headers(raw), now=now) == expected
+
+
+async def test_the_httpx_transport_goes_through_the_proxy_the_environment_names(
+    io_loop: Any, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # Issue 18: an operator behind an egress proxy sets HTTPS_PROXY (here HTTP_PROXY, for a
+    # plain-HTTP upstream); the fast transport has no proxies, httpx's own takes it.
+    async with serving(answer(CHUNKED + chunked(*GOOD))) as proxy:
+        for name in ("NO_PROXY", "no_proxy", "ALL_PROXY", "all_proxy", "http_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.port}")
+        settings = config.Settings(upstream=config.UpstreamSettings(
+            kind="openai", base_url="http://upstream.invalid/v1", transport="httpx"))
+        up = UpstreamClient(settings, make_transport(settings))
+        try:
+            deltas = await collect(up)
+        finally:
+            await up.aclose()
+    assert "".join(d.content for d in deltas) == "Hello"
+    assert proxy.requests[0].startswith(
+        b"POST http://upstream.invalid/v1/chat/completions HTTP/1.1\r\n")
