@@ -18,6 +18,9 @@ from servers import eventually, instance, running, simulator, stream
 
 from sseproxy.mockupstream import Scenario, make_tokens
 
+#: Every test here runs on both upstream transports (see conftest.py).
+pytestmark = pytest.mark.usefixtures("upstream_transport")
+
 API: dict[str, Any] = {"upstream__api": "responses"}
 CHAT: Any = [{"role": "user", "content": "hi"}]
 
