@@ -191,10 +191,13 @@ class Generation:
         self.record.upstream_answered(chat.status, None)
         async with chat:
             _resolve(self._accepted)
-            await chat.run(self._on_delta)
+            await chat.run(self._on_delta, self.log.release)
 
     def _on_delta(self, delta: Delta) -> None:
-        """Called by the upstream stream for each delta, as its bytes arrive."""
+        """Called by the upstream stream for each delta, as its bytes arrive. What it
+        appends reaches the subscribers once the read is over (``log.release``, above), so
+        the tokens of one read go out in one write."""
+        self.log.hold()
         if delta.usage is not None:
             self._usage = delta.usage
         if delta.finish_reason is not None:
@@ -259,10 +262,13 @@ class Generation:
 
     def _on_timer(self) -> None:
         self._timer = None
+        self.log.hold()  # the pieces due now go out in one write
         try:
             self._release(self._loop.time() + _TIMER_SLACK_S)
         except errors.LogFull as exc:
             self.stop(outcome_of(exc), exc)
+        finally:
+            self.log.release()
 
     # -- the driver --------------------------------------------------------------------
 
@@ -334,10 +340,13 @@ class Generation:
                     await asyncio.wait_for(asyncio.shield(self._halt), delay)
                 except TimeoutError:
                     pass
+            self.log.hold()
             try:
                 self._release(self._loop.time())
             except errors.LogFull:
                 break
+            finally:
+                self.log.release()
 
     # -- relayed events ----------------------------------------------------------------
 
@@ -379,6 +388,7 @@ class Generation:
                 self.record.released(0.0)
 
     def _append_final(self, error: errors.SSEProxyError | None) -> None:
+        self.log.release()  # (a read that broke off half-way told nobody yet)
         if self.log.ended:
             return
         if error is None:

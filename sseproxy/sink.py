@@ -7,15 +7,17 @@ backpressure, and a closed connection shows up there as :class:`ClientGone`.
 
 The first write goes through Tornado's public API (``RequestHandler.write`` + ``flush``),
 which sends the headers. After that, a frame goes straight to the socket when nothing is
-queued in front of it, with the HTTP/1.1 chunk framing added here; only what the kernel
-does not take at once goes through the stream's write buffer (``IOStream.write``), and the
-next frame waits behind it, so the order holds. This fast path is the one place where
-sseproxy looks under Tornado's request handler (only public ``HTTP1Connection.stream``
-and ``IOStream`` calls): it saves two futures and two system calls per frame, about a
-tenth of the CPU per token (docs/benchmarks.md). It is pinned to the Tornado versions in
-``pyproject.toml`` by tests/test_sink.py, which also checks that frames really take it, and
-it is off where it cannot apply (TLS, or a connection that is not plain HTTP/1.1): those
-frames all go through Tornado.
+queued in front of it, with the HTTP/1.1 chunk framing added here; only what the kernel does
+not take at once goes through the stream's write buffer (``IOStream.write``), and the next
+frame waits behind it, so the order holds. :meth:`ConnectionSink.send_now` is the same write
+for a caller that cannot wait (the subscriber's listener, called from the appending code):
+it says whether all went out, and the subscriber's loop waits for the rest. This fast path
+is the one place where sseproxy looks under Tornado's request handler (only public
+``HTTP1Connection.stream`` and ``IOStream`` calls): it saves two futures and two system
+calls per frame, about a tenth of the CPU per token (docs/benchmarks.md). It is pinned to
+the Tornado versions in ``pyproject.toml`` by tests/test_sink.py, which also checks that
+frames really take it, and it is off where it cannot apply (TLS, or a connection that is not
+plain HTTP/1.1): those frames all go through Tornado.
 """
 
 from __future__ import annotations
@@ -93,6 +95,21 @@ class ConnectionSink:
         if not self._headers_out:
             self._headers_out = True
             self._raw = self._stream
+
+    def ready(self) -> bool:
+        """Whether a frame would go straight to the socket now: the headers are out, the
+        connection is open and nothing is queued in front of it."""
+        raw = self._raw
+        return raw is not None and not self.closed and not raw.writing() and not raw.closed()
+
+    def send_now(self, data: bytes) -> bool:
+        """Write ``data`` (non-empty) at once, from a callback, when :meth:`ready`: True
+        when all of it went out, False when the rest is queued (``send(b"")`` waits for
+        it). Raises :class:`ClientGone` when the connection is closed."""
+        raw = self._raw
+        if raw is None or self.closed:
+            raise ClientGone
+        return self._send_direct(raw, data) is None
 
     def _frame(self, data: bytes) -> bytes:
         return b"%x\r\n%b\r\n" % (len(data), data) if self._chunked else data

@@ -6,6 +6,13 @@ with the connection's wire format, writes them through the connection's sink and
 until they are out. When nothing arrives for ``heartbeat.interval_s`` it writes a ``: ping``
 comment instead — from the same loop, so a heartbeat never splits a frame.
 
+While the loop waits, caught up, the log tells the subscriber of new events synchronously
+(:meth:`Subscriber._on_news`, the follower's listener): when the sink can put the frames on
+the socket at once (:class:`DirectSink`, nothing queued), they are written from there,
+which saves waking the loop for every token; otherwise the loop is woken and writes them
+itself. Either way the writes of a connection happen one at a time and in log order: the
+loop does not write while it waits, and the listener runs only while it does.
+
 A reconnect is simply a new subscriber whose position is the ``Last-Event-ID`` it sent:
 it replays what it missed, then follows live. A subscriber ends when it has written the
 final event (``done`` or ``error``), when its client leaves (:meth:`Subscriber.client_closed`,
@@ -19,12 +26,12 @@ from __future__ import annotations
 
 import asyncio
 import enum
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from .frames import Frames
 from .record import StallWatch, StreamRecord
 from .sink import ClientGone
-from .store import TEXT, EventLog, FollowerClosed
+from .store import TEXT, Event, EventLog, FollowerClosed
 
 #: A heartbeat due this close counts as due (the follower's timer may fire a hair early).
 _SLACK_S = 0.001
@@ -36,6 +43,18 @@ class Sink(Protocol):
 
     def drop(self) -> None:
         """Close the connection of a client that stopped reading."""
+
+
+@runtime_checkable
+class DirectSink(Sink, Protocol):
+    """A sink that can also write at once, from a callback."""
+
+    def ready(self) -> bool:
+        """Whether :meth:`send_now` would reach the socket (nothing queued before it)."""
+
+    def send_now(self, data: bytes) -> bool:
+        """Write at once: True when all is out, False when the rest waits in a queue (then
+        ``send(b"")`` waits for it); raise :class:`ClientGone` when the client left."""
 
 
 class Ended(enum.StrEnum):
@@ -63,6 +82,11 @@ class Subscriber:
         "ended",
         "_role_sent",
         "_texted",
+        "_direct",
+        "_last_write",
+        "_queued",
+        "_gone",
+        "_final",
     )
 
     def __init__(
@@ -93,6 +117,14 @@ class Subscriber:
         self.ended: Ended | None = None
         self._role_sent = False
         self._texted = False
+        #: Loop time of the last write (the heartbeat is due ``heartbeat_s`` after it).
+        self._direct: DirectSink | None = sink if isinstance(sink, DirectSink) else None
+        self._last_write = 0.0
+        #: Set by the listener: part of its write is queued (the loop waits for it), the
+        #: client left, it wrote the final event.
+        self._queued = False
+        self._gone = False
+        self._final = False
         record.subscribers += 1
 
     async def run(self, opening: bytes = b"") -> Ended:
@@ -106,40 +138,84 @@ class Subscriber:
             if opening:
                 await self._write(opening)
                 record.sent(0, len(opening))
-            last_write = loop.time()
+            self._last_write = loop.time()
+            if self._direct is not None:
+                follower.listener = self._on_news
             while True:
-                events = await follower.next(last_write + heartbeat_s)
-                data = b""
-                if not self._role_sent and self.log.role is not None:
-                    self._role_sent = True
-                    data = frames.role(self.log.role)
-                if events:
-                    data += frames.events(events)
-                    if not self._texted and any(e.kind == TEXT for e in events):
-                        self._texted = True
-                        record.first_text()
+                events = await follower.next(self._last_write + heartbeat_s)
+                if self._gone:
+                    raise ClientGone
+                if self._queued:  # the listener's write did not all go out at once
+                    self._queued = False
+                    await self._write(b"")
+                if self._final:
+                    self.ended = Ended.FINAL
+                    return self.ended
+                data = self._frames(events)
                 if data:
                     await self._write(data)
                     record.sent(len(events), len(data))
-                    last_write = loop.time()
+                    self._last_write = loop.time()
                     if events and events[-1].final:
                         self.ended = Ended.FINAL
                         return self.ended
                 elif events and events[-1].final:  # a final event this format shows as nothing
                     self.ended = Ended.FINAL
                     return self.ended
-                elif loop.time() - last_write >= heartbeat_s - _SLACK_S:
+                elif loop.time() - self._last_write >= heartbeat_s - _SLACK_S:
                     await self._write(frames.heartbeat)
                     record.heartbeat()
                     record.sent(0, len(frames.heartbeat))
-                    last_write = loop.time()
+                    self._last_write = loop.time()
         except (ClientGone, FollowerClosed):
             if self.ended is None:
                 self.ended = Ended.GONE
             return self.ended
         finally:
+            follower.listener = None
             follower.close()
             self.watch.end()
+
+    def _frames(self, events: list[Event]) -> bytes:
+        """The bytes of ``events`` (with the role frame first, once it is known)."""
+        data = b""
+        if not self._role_sent and self.log.role is not None:
+            self._role_sent = True
+            data = self.frames.role(self.log.role)
+        if events:
+            data += self.frames.events(events)
+            if not self._texted and any(e.kind == TEXT for e in events):
+                self._texted = True
+                self.record.first_text()
+        return data
+
+    def _on_news(self) -> bool:
+        """The log has news while the loop waits: write it from here if the socket takes it
+        at once. True when handled (the loop sleeps on); False wakes the loop."""
+        sink = self._direct
+        if sink is None or not sink.ready():
+            return False  # something is queued (or the client left): the loop writes
+        events = self.follower.take()
+        data = self._frames(events)
+        if not data:
+            if events and events[-1].final:  # a final event this format shows as nothing
+                self._final = True
+                return False
+            return True  # (a touch without news: nothing to write yet)
+        try:
+            whole = sink.send_now(data)
+        except ClientGone:
+            self._gone = True
+            return False
+        self.record.sent(len(events), len(data))
+        self._last_write = now = self._loop.time()
+        self.follower.postpone(now + self.heartbeat_s)
+        if events and events[-1].final:
+            self._final = True
+        elif whole:
+            return True
+        self._queued = not whole
+        return False
 
     async def _write(self, data: bytes) -> None:
         self.watch.begin()

@@ -13,6 +13,7 @@ from servers import running, stream
 
 from sseproxy.handlers import StreamingHandler
 from sseproxy.mockupstream import Scenario, make_tokens
+from sseproxy.sink import ConnectionSink
 
 
 def test_the_fast_path_is_tested_on_this_tornado() -> None:
@@ -44,3 +45,32 @@ async def test_frames_after_the_headers_go_straight_to_the_socket(
                 "messages": [{"role": "user", "content": "hi"}]})
     assert got.complete and got.content() == "".join(make_tokens(scenario))
     assert flushes <= 2  # the headers, and finish(): every frame went by the fast path
+
+
+async def test_frames_of_a_caught_up_stream_are_written_from_the_upstream_read(
+        io_loop: Any, monkeypatch: pytest.MonkeyPatch) -> None:
+    # issue 14 (performance guard): a subscriber that waits, caught up, has its frames
+    # written from the upstream's read callback, without a wake-up of its loop per token.
+    direct = looped = 0
+    send_now, send = ConnectionSink.send_now, ConnectionSink.send
+
+    def counting_now(self: ConnectionSink, data: bytes) -> bool:
+        nonlocal direct
+        direct += 1
+        return send_now(self, data)
+
+    async def counting(self: ConnectionSink, data: bytes) -> None:
+        nonlocal looped
+        looped += 1
+        await send(self, data)
+
+    monkeypatch.setattr(ConnectionSink, "send_now", counting_now)
+    monkeypatch.setattr(ConnectionSink, "send", counting)
+    scenario = Scenario(rate=100, tokens=40)
+    async with running(scenario) as r:
+        got = await stream("POST", r.url + "/v1/chat/completions", json={
+            "model": scenario.to_model(), "stream": True,
+            "messages": [{"role": "user", "content": "hi"}]})
+    assert got.complete and got.content() == "".join(make_tokens(scenario))
+    # the headers, the role, the end and a few tokens may take the loop; most tokens not
+    assert direct >= 20 and looped <= 20

@@ -28,7 +28,7 @@ from sseproxy.record import Outcome, StreamRecord
 from sseproxy.registry import StreamRegistry
 from sseproxy.sink import ClientGone
 from sseproxy.store import DONE, TEXT, FollowerClosed
-from sseproxy.store.memory import MemoryStore
+from sseproxy.store.memory import MemoryFollower, MemoryStore
 from sseproxy.subscriber import Ended, Subscriber
 
 SID = "0" * 32
@@ -366,3 +366,197 @@ async def test_the_virtual_clock_jumps_to_the_next_timer() -> None:
 async def until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.005)
+
+
+# --- news written from the appending code (issue 14, performance guard) ----------------
+
+
+class DirectSink(RecordingSink):
+    """A client whose socket can be written from a callback (like ConnectionSink): each
+    write is recorded with how it came (``now``: from the append; ``loop``: the writer
+    loop). While ``full`` its socket buffer takes nothing more: a write from a callback is
+    queued, and ``send(b"")`` waits until ``drained`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.how: list[str] = []
+        self.full = False
+        self.queued = False
+        self.drained = asyncio.Event()
+
+    def ready(self) -> bool:
+        return not self.queued
+
+    def send_now(self, data: bytes) -> bool:
+        self.writes.append(data)
+        self.how.append("now")
+        self.queued = self.full
+        return not self.full
+
+    async def send(self, data: bytes) -> None:
+        if self.queued or (self.full and data):
+            await self.drained.wait()
+            self.queued = False
+        if data:
+            self.writes.append(data)
+            self.how.append("loop")
+
+
+def live_subscriber(store: MemoryStore, sink: RecordingSink, after: int = 0,
+                    retained: bool = False, heartbeat_s: float = 15.0,
+                    ) -> tuple[Any, Subscriber]:
+    log = store.new_log(SID, retained=retained)
+    record = StreamRecord(Metrics(), SID, "test")
+    sub = Subscriber(log, after, EventSourceFrames(SID, 1000), sink, record,
+                     heartbeat_s=heartbeat_s, stall_threshold_s=5.0, client_timeout_s=30.0)
+    return log, sub
+
+
+async def waiting(sub: Subscriber) -> None:
+    """Until the subscriber's loop waits for news (caught up)."""
+    follower = sub.follower
+    assert isinstance(follower, MemoryFollower)
+    await asyncio.wait_for(until(lambda: follower._fut is not None), 5)
+
+
+def ids(sink: RecordingSink) -> list[str | None]:
+    return [e.id for e in sink.events()]
+
+
+@virtual_time
+async def test_appends_held_over_one_read_reach_a_waiting_subscriber_in_one_write() -> None:
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+    sink = DirectSink()
+    log, sub = live_subscriber(store, sink)
+    task = asyncio.create_task(sub.run())
+    await waiting(sub)
+    log.hold()
+    for text in ("a", "b", "c"):
+        log.append(TEXT, text)
+    assert sink.writes == []  # held: nothing told yet
+    log.release()
+    # written at once, from the release, in one write, before the loop ran again
+    assert sink.how == ["now"]
+    assert ids(sink) == [f"{SID}.1", f"{SID}.2", f"{SID}.3"]
+    log.append(DONE, "{}")
+    assert await asyncio.wait_for(task, 5) is Ended.FINAL
+    assert sink.how == ["now", "now"] and ids(sink)[-1] == f"{SID}.4"
+    store.stop()
+
+
+@virtual_time
+async def test_a_full_socket_buffer_hands_the_news_to_the_loop_in_order() -> None:
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+    sink = DirectSink()
+    log, sub = live_subscriber(store, sink)
+    task = asyncio.create_task(sub.run())
+    await waiting(sub)
+    sink.full = True
+    log.append(TEXT, "a")  # goes out in part; the rest is queued: the loop waits for it
+    assert sink.how == ["now"] and sink.queued
+    await asyncio.sleep(0)
+    log.append(TEXT, "b")  # not written from here while something is queued
+    log.append(TEXT, "c")
+    assert sink.how == ["now"]
+    assert log.unread_bytes > 0  # unread: counted for the upstream's backpressure
+    sink.full = False
+    sink.drained.set()
+    await waiting(sub)
+    assert log.unread_bytes == 0
+    assert sink.how == ["now", "loop"]  # b and c, in one write of the loop
+    log.append(DONE, "{}")
+    assert await asyncio.wait_for(task, 5) is Ended.FINAL
+    assert ids(sink) == [f"{SID}.{n}" for n in range(1, 5)]
+    store.stop()
+
+
+@virtual_time
+async def test_a_replay_racing_live_appends_keeps_the_log_order_without_duplicates() -> None:
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+    sink = DirectSink()
+    log, sub = live_subscriber(store, sink, retained=True)
+    for n in range(1, 6):
+        log.append(TEXT, str(n))
+    sub2 = Subscriber(
+        log, 2, EventSourceFrames(SID, 1000), sink2 := DirectSink(),
+        StreamRecord(Metrics(), SID, "test"), heartbeat_s=15.0, stall_threshold_s=5.0,
+        client_timeout_s=30.0)
+    sink2.full = True  # the replay's write waits in the loop…
+    tasks = [asyncio.create_task(sub.run()), asyncio.create_task(sub2.run())]
+    await asyncio.sleep(0)
+    for n in range(6, 9):  # … while the generation appends
+        log.append(TEXT, str(n))
+        await asyncio.sleep(0)
+    sink2.full = False
+    sink2.drained.set()
+    log.append(DONE, "{}")
+    assert await asyncio.wait_for(asyncio.gather(*tasks), 5) == [Ended.FINAL] * 2
+    assert ids(sink) == [f"{SID}.{n}" for n in range(1, 10)]
+    assert ids(sink2) == [f"{SID}.{n}" for n in range(3, 10)]
+    assert "now" in sink.how  # the caught-up one took the direct path
+    assert log.subscribers == 0
+    store.stop()
+
+
+@virtual_time
+async def test_a_heartbeat_follows_the_last_write_from_the_append() -> None:
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+    sink = DirectSink()
+    log, sub = live_subscriber(store, sink, heartbeat_s=10.0)
+    loop = asyncio.get_running_loop()
+    task = asyncio.create_task(sub.run())
+    await waiting(sub)
+    await asyncio.sleep(6)
+    log.append(TEXT, "a")  # at 6 s, written from the append
+    wrote_at = loop.time()
+    assert sink.how == ["now"]
+    await asyncio.wait_for(until(lambda: len(sink.writes) == 2), 30)
+    assert sink.writes[1] == b": ping\n\n"
+    assert loop.time() >= wrote_at + 10.0 - 0.01  # not at 10 s, the deadline before it
+    sub.client_closed()
+    assert await asyncio.wait_for(task, 5) is Ended.GONE
+    store.stop()
+
+
+@virtual_time
+async def test_a_client_gone_during_a_write_from_the_append_ends_its_subscriber() -> None:
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+
+    class Gone(DirectSink):
+        def send_now(self, data: bytes) -> bool:
+            raise ClientGone
+
+    log, sub = live_subscriber(store, Gone())
+    task = asyncio.create_task(sub.run())
+    await waiting(sub)
+    log.append(TEXT, "a")
+    assert await asyncio.wait_for(task, 5) is Ended.GONE
+    assert log.subscribers == 0
+    store.stop()
+
+
+@virtual_time
+async def test_a_final_event_that_shows_as_nothing_ends_a_subscriber_told_from_the_append(
+) -> None:
+    # A relayed Responses stream whose upstream's own final event already went out: the
+    # log's final event adds no bytes, and the subscriber must end all the same.
+    store = MemoryStore(max_events=100, max_bytes=1 << 20, ttl_s=60)
+
+    class Silent(EventSourceFrames):
+        def events(self, events: list[Any]) -> bytes:
+            return super().events([e for e in events if not e.final])
+
+    sink = DirectSink()
+    log = store.new_log(SID, retained=False)
+    record = StreamRecord(Metrics(), SID, "test")
+    sub = Subscriber(log, 0, Silent(SID, 1000), sink, record,
+                     heartbeat_s=15.0, stall_threshold_s=5.0, client_timeout_s=30.0)
+    task = asyncio.create_task(sub.run())
+    await waiting(sub)
+    log.append(TEXT, "a")
+    assert sink.how == ["now"]
+    log.append(DONE, "{}")
+    log.end()
+    assert await asyncio.wait_for(task, 5) is Ended.FINAL
+    assert ids(sink) == [f"{SID}.1"]
+    store.stop()

@@ -68,6 +68,16 @@ class Follower(Protocol):
     def close(self) -> None:
         """Stop following (wakes a pending :meth:`next`, which raises)."""
 
+    #: Called instead of waking a pending :meth:`next` when the log has news; it may
+    #: :meth:`take` them itself and returns True when it did (the wait goes on).
+    listener: Callable[[], bool] | None
+
+    def take(self) -> list[Event]:
+        """The events after :attr:`position` now (advancing it), without waiting."""
+
+    def postpone(self, deadline: float) -> None:
+        """Move the deadline of a pending :meth:`next` later."""
+
 
 class EventLog(Protocol):
     """One stream's log."""
@@ -100,6 +110,13 @@ class EventLog(Protocol):
 
     def touch(self) -> None:
         """Wake every follower without an event (e.g. after :attr:`role` was set)."""
+
+    def hold(self) -> None:
+        """Tell the followers of the appends from now on only at :meth:`release` (the
+        appends of one upstream read then reach a connection in one write)."""
+
+    def release(self) -> None:
+        """Tell the followers, once, of what was appended since :meth:`hold`."""
 
     def end(self) -> None:
         """The final event is in: the log is kept ``store.ttl_s`` for late readers."""

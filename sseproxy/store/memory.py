@@ -16,6 +16,12 @@ pause the upstream read when the client is slow (:data:`LIVE_HIGH_WATER`).
 
 Waiting readers cost one future each, and one timer per reader that is moved on lazily
 (as the deadline moves later it is re-armed only when it fires), not one per event.
+
+A reader that waits may instead be told synchronously (:attr:`MemoryFollower.listener`):
+its connection writes the news from the appending code when its socket takes them at once,
+and the waiting task is woken only when that is not possible. The appends of one upstream
+read are held (:meth:`MemoryLog.hold`, :meth:`MemoryLog.release`) and told once, so a
+burst of tokens makes one write, not one per token.
 """
 
 from __future__ import annotations
@@ -36,7 +42,8 @@ _TIMER_SLACK_S = 0.001
 class MemoryFollower:
     """One reader's position in a :class:`MemoryLog`, and its wait."""
 
-    __slots__ = ("_log", "position", "_fut", "_timer", "_deadline", "_closed", "_loop")
+    __slots__ = ("_log", "position", "_fut", "_timer", "_deadline", "_closed", "_loop",
+                 "listener")
 
     def __init__(self, log: MemoryLog, after: int) -> None:
         self._log = log
@@ -46,6 +53,10 @@ class MemoryFollower:
         self._deadline = 0.0
         self._closed = False
         self._loop = log.loop
+        #: Called instead of waking a pending :meth:`next` when the log has news (not when
+        #: the follower closes or its deadline passes); it may :meth:`take` the events
+        #: itself and returns True when it handled them (the wait goes on), False to wake it.
+        self.listener: Callable[[], bool] | None = None
 
     async def next(self, deadline: float) -> list[Event]:
         if self._closed:
@@ -65,12 +76,34 @@ class MemoryFollower:
                 self._fut = None
             if self._closed:
                 raise FollowerClosed
-        events = log.since(self.position)
+        return self.take()
+
+    def take(self) -> list[Event]:
+        """The events after :attr:`position` now, without waiting (for a listener)."""
+        events = self._log.since(self.position)
         if events:
             self.position = events[-1].n
         return events
 
+    def postpone(self, deadline: float) -> None:
+        """Move the deadline of a pending :meth:`next` (its timer follows lazily)."""
+        self._deadline = deadline
+
     def wake(self) -> None:
+        """The log has news: tell the listener, or wake a pending :meth:`next`."""
+        fut = self._fut
+        if fut is not None and not fut.done():
+            listener = self.listener
+            if listener is not None and not self._closed:
+                try:
+                    if listener():
+                        return
+                except Exception as exc:  # the waiting loop reads the news itself
+                    self._loop.call_exception_handler(
+                        {"message": "a follower's listener failed", "exception": exc})
+            fut.set_result(None)
+
+    def _resolve(self) -> None:
         fut = self._fut
         if fut is not None and not fut.done():
             fut.set_result(None)
@@ -80,7 +113,7 @@ class MemoryFollower:
         if self._fut is None:
             return  # nobody waits: the next wait sets its own timer
         if self._loop.time() + _TIMER_SLACK_S >= self._deadline:
-            self.wake()
+            self._resolve()  # the deadline is the waiting loop's own (a heartbeat)
         else:
             self._timer = self._loop.call_at(self._deadline, self._on_timer)
 
@@ -92,7 +125,7 @@ class MemoryFollower:
             self._timer.cancel()
             self._timer = None
         self._log.unfollow(self)
-        self.wake()
+        self._resolve()
 
 
 class MemoryLog:
@@ -113,6 +146,8 @@ class MemoryLog:
         "bytes",
         "_unread",
         "interrupt",
+        "_held",
+        "_news",
     )
 
     def __init__(self, store: MemoryStore, stream_id: str, retained: bool) -> None:
@@ -131,6 +166,8 @@ class MemoryLog:
         self.interrupt: errors.SSEProxyError | None = None
         self.bytes = 0
         self._unread = 0
+        self._held = False
+        self._news = False
 
     # -- the generation's side ---------------------------------------------------------
 
@@ -149,13 +186,36 @@ class MemoryLog:
             self._unread += size
         self.last = n
         (self._kept if self.retained else self._unread_events).append(Event(n, kind, data))
-        for follower in self._followers:
-            follower.wake()
+        if self._held:
+            self._news = True
+        else:
+            self._tell()
         return n
 
     def touch(self) -> None:
-        for follower in self._followers:
-            follower.wake()
+        if self._held:
+            self._news = True
+        else:
+            self._tell()
+
+    def hold(self) -> None:
+        """Tell the followers of what is appended from now on only at :meth:`release`."""
+        self._held = True
+
+    def release(self) -> None:
+        """Tell the followers, once, of what was appended since :meth:`hold`."""
+        self._held = False
+        if self._news:
+            self._news = False
+            self._tell()
+
+    def _tell(self) -> None:
+        followers = self._followers
+        if len(followers) == 1:
+            followers[0].wake()
+        else:  # a listener may close its follower (its client left) while this runs
+            for follower in list(followers):
+                follower.wake()
 
     def end(self) -> None:
         if not self.ended:

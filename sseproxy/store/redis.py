@@ -145,6 +145,12 @@ class RedisLog:
     def touch(self) -> None:
         self.local.touch()
 
+    def hold(self) -> None:
+        self.local.hold()
+
+    def release(self) -> None:
+        self.local.release()
+
     def end(self) -> None:
         if not self.local.ended:
             self.local.end()
@@ -308,14 +314,18 @@ class RedisStore:
 
     @staticmethod
     def _add(mirror: MemoryLog, entries: list[tuple[str, dict[str, str]]]) -> None:
-        for entry_id, fields in entries:
-            n = int(entry_id.rsplit("-", 1)[1])
-            if n != mirror.last + 1:
-                continue  # already held (a read that overlapped the load)
-            mirror.append(fields["k"], fields["d"])
-            if fields["k"] in (DONE, ERROR):  # not a format's own kind (a response's meta)
-                mirror.end()
-                return
+        mirror.hold()  # the entries of one read reach each subscriber in one write
+        try:
+            for entry_id, fields in entries:
+                n = int(entry_id.rsplit("-", 1)[1])
+                if n != mirror.last + 1:
+                    continue  # already held (a read that overlapped the load)
+                mirror.append(fields["k"], fields["d"])
+                if fields["k"] in (DONE, ERROR):  # not a format's own kind (a response's meta)
+                    mirror.end()
+                    return
+        finally:
+            mirror.release()
 
     async def _follow(self, mirror: MemoryLog) -> None:
         """Follow one stream with ``XREAD BLOCK`` while this instance has subscribers."""
