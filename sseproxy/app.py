@@ -22,7 +22,7 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 
-from . import config, handlers, httpserver, mockupstream, responses_handlers
+from . import config, handlers, httpserver, localmodel, mockupstream, responses_handlers
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
@@ -207,6 +207,7 @@ async def serve(
     *,
     sockets: list[socket.socket] | None = None,
     worker: int = 0,
+    local_url: str | None = None,
 ) -> int:
     """Run one sseproxy process until SIGINT or SIGTERM; SIGHUP reloads the config file.
 
@@ -219,6 +220,9 @@ async def serve(
     running streams may finish for ``server.shutdown_grace_s``, then those still running
     get a ``server_shutdown`` error and end, upstream requests are cancelled, and the
     process exits 0. A second SIGTERM or SIGINT exits at once.
+
+    ``local_url`` is where the model server of ``upstream.kind = "local"`` answers (see
+    :mod:`sseproxy.localmodel`); ``/readyz`` is 503 ``loading_model`` until it does.
     """
     mock_server = None
     upstream_url = settings.upstream_url
@@ -230,7 +234,13 @@ async def serve(
     if settings.upstream.kind == "openai" and not config.api_key(settings):
         log.warning("upstream_key_missing", env=settings.upstream.api_key_env,
                     hint="requests go out without an Authorization header")
+    probe = None
+    if settings.upstream.kind == "local" and local_url:
+        upstream_url = local_url
+        probe = localmodel.ReadinessProbe(local_url)
+        probe.start()
     deps = await build_deps(settings, upstream_url)
+    deps.local_model = probe
     server = make_server(make_app(settings, deps), settings)
     if sockets is None:
         sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host,
@@ -274,6 +284,8 @@ async def serve(
         except TimeoutError:
             log.warning("connections_left_open")
         await close_deps(deps)
+        if probe is not None:
+            await probe.stop()
         if mock_server is not None:
             mock_server.stop()
             await mock_server.close_all_connections()

@@ -30,6 +30,7 @@ from . import __version__, errors, models, sse, validate
 from .config import Settings
 from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
 from .generation import Generation
+from .localmodel import ReadinessProbe
 from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
@@ -62,6 +63,8 @@ class Deps:
     models: ModelCatalog
     #: Measures the event loop's lag (one per process, started with the app).
     loop_lag: LoopLagMonitor | None = None
+    #: ``upstream.kind = "local"``: whether the model server answers yet.
+    local_model: ReadinessProbe | None = None
 
 
 def new_stream_id() -> str:
@@ -626,6 +629,8 @@ class ReadyHandler(BaseHandler):
         registry = self.deps.registry
         problem = self.deps.store.problem
         status = "draining" if registry.draining else "store_unavailable" if problem else "ready"
+        if status == "ready" and self.deps.local_model and not self.deps.local_model.ready:
+            status = "loading_model"
         if status != "ready":
             self.set_status(503)
         body: dict[str, Any] = {"status": status, "streams": registry.active}

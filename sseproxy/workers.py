@@ -31,6 +31,7 @@ from typing import Any
 import structlog
 import tornado.netutil
 
+from . import localmodel
 from .config import Settings
 
 log = structlog.get_logger("sseproxy.workers")
@@ -40,12 +41,22 @@ RESPAWN_DELAY_S = 1.0
 
 
 def run(settings: Settings, overrides: Mapping[str, Any] | None = None) -> int:
-    """Serve with ``server.workers`` processes; return the exit status."""
+    """Serve with ``server.workers`` processes; return the exit status.
+
+    With ``upstream.kind = "local"`` the model server is started first, once, and every
+    worker relays to it; it is stopped when they all have.
+    """
     from .app import serve
 
-    if settings.server.workers == 1:
-        return run_loop(settings, serve(settings, overrides))
-    return Master(settings, overrides).run()
+    local = localmodel.start(settings) if settings.upstream.kind == "local" else None
+    local_url = local.url if local is not None else None
+    try:
+        if settings.server.workers == 1:
+            return run_loop(settings, serve(settings, overrides, local_url=local_url))
+        return Master(settings, overrides, local_url).run()
+    finally:
+        if local is not None:
+            local.stop()
 
 
 def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
@@ -65,9 +76,11 @@ def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
 
 
 class Master:
-    def __init__(self, settings: Settings, overrides: Mapping[str, Any] | None) -> None:
+    def __init__(self, settings: Settings, overrides: Mapping[str, Any] | None,
+                 local_url: str | None = None) -> None:
         self.settings = settings
         self.overrides = overrides
+        self.local_url = local_url
         self.children: dict[int, int] = {}  # pid -> worker index
         self.signals = 0
         self.failed = False
@@ -112,7 +125,8 @@ class Master:
                 sockets = tornado.netutil.bind_sockets(
                     server.port, server.host, backlog=4096, reuse_port=True)
                 code = run_loop(self.settings, serve(self.settings, self.overrides,
-                                                     sockets=sockets, worker=index))
+                                                     sockets=sockets, worker=index,
+                                                     local_url=self.local_url))
             except BaseException:
                 log.exception("worker_failed", worker=index)
             finally:
