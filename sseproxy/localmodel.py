@@ -323,7 +323,7 @@ class ReadinessProbe:
     server that accepts the connection but answers late is busy generating (llama.cpp
     serves one request at a time, ``GET /v1/models`` included): that keeps its state."""
 
-    def __init__(self, url: str, every_s: float = 5.0) -> None:
+    def __init__(self, url: str, every_s: float = 1.0) -> None:
         self.url = url
         self.every_s = every_s
         self.ready = False

@@ -292,49 +292,48 @@ def test_local_model_streams_real_replies_stops_when_the_client_goes_and_dies_wi
         serve.wait_ready()
         assert "local_model_assembled" in serve.log.read_text()
         [server] = serve.servers()
-        client = openai.OpenAI(base_url=serve.base + "/v1", api_key="none", timeout=120)
+        with openai.OpenAI(base_url=serve.base + "/v1", api_key="none", timeout=120) as client:
+            # chat completions, official SDK
+            deltas: list[str] = []
+            usage = None
+            for chunk in client.chat.completions.create(
+                    model="gemma-3-270m", messages=MOON, max_tokens=48, temperature=0,
+                    stream=True, stream_options={"include_usage": True}):
+                if chunk.choices and chunk.choices[0].delta.content:
+                    deltas.append(chunk.choices[0].delta.content)
+                if chunk.usage is not None:
+                    usage = chunk.usage
+            assert len(deltas) >= 3 and "".join(deltas).strip()
+            assert usage is not None and usage.completion_tokens > 0
 
-        # chat completions, official SDK
-        deltas: list[str] = []
-        usage = None
-        for chunk in client.chat.completions.create(
-                model="gemma-3-270m", messages=MOON, max_tokens=48, temperature=0,
-                stream=True, stream_options={"include_usage": True}):
-            if chunk.choices and chunk.choices[0].delta.content:
-                deltas.append(chunk.choices[0].delta.content)
-            if chunk.usage is not None:
-                usage = chunk.usage
-        assert len(deltas) >= 3 and "".join(deltas).strip()
-        assert usage is not None and usage.completion_tokens > 0
+            # the Responses API, official SDK
+            kinds: list[str] = []
+            text = ""
+            completed: Any = None
+            for event in client.responses.create(model="gemma-3-270m", input=CAPITAL,
+                                                 max_output_tokens=64, temperature=0, stream=True):
+                kinds.append(event.type)
+                if event.type == "response.output_text.delta":
+                    text += event.delta
+                if event.type == "response.completed":
+                    completed = event.response
+            assert kinds.count("response.output_text.delta") >= 3 and text.strip()
+            assert completed is not None and completed.usage.output_tokens > 0
 
-        # the Responses API, official SDK
-        kinds: list[str] = []
-        text = ""
-        completed: Any = None
-        for event in client.responses.create(model="gemma-3-270m", input=CAPITAL,
-                                             max_output_tokens=64, temperature=0, stream=True):
-            kinds.append(event.type)
-            if event.type == "response.output_text.delta":
-                text += event.delta
-            if event.type == "response.completed":
-                completed = event.response
-        assert kinds.count("response.output_text.delta") >= 3 and text.strip()
-        assert completed is not None and completed.usage.output_tokens > 0
-
-        # closing the client stops the generation: the server's CPU falls back to idle
-        stream = client.chat.completions.create(model="gemma-3-270m", messages=LONG,
-                                                max_tokens=1500, temperature=0, stream=True)
-        received = 0
-        for chunk in stream:
-            received += 1
-            if received == 5:
-                break
-        busy = cpu_share(server)  # still generating: the window shows it working
-        stream.close()
-        deadline = time.monotonic() + 30
-        while (idle := cpu_share(server)) > 0.1:
-            assert time.monotonic() < deadline, f"the model kept working: {idle:.2f} cores"
-        assert busy > 0.25 and busy > 2 * idle, (busy, idle)
+            # closing the client stops the generation: the server's CPU falls back to idle
+            stream = client.chat.completions.create(model="gemma-3-270m", messages=LONG,
+                                                    max_tokens=1500, temperature=0, stream=True)
+            received = 0
+            for chunk in stream:
+                received += 1
+                if received == 5:
+                    break
+            busy = cpu_share(server)  # still generating: the window shows it working
+            stream.close()
+            deadline = time.monotonic() + 30
+            while (idle := cpu_share(server)) > 0.1:
+                assert time.monotonic() < deadline, f"the model kept working: {idle:.2f} cores"
+            assert busy > 0.25 and busy > 2 * idle, (busy, idle)
 
         # SIGKILL: the keeper and the model server notice and go
         keeper = serve.keeper()
@@ -358,15 +357,15 @@ def test_workers_share_one_model_server_which_restarts_when_it_dies_and_stops_on
         [server] = serve.servers()
         os.kill(server, signal.SIGKILL)  # the model server crashes
         deadline = time.monotonic() + READY_WITHIN_S
-        while len(serve.servers()) < 2:
+        while sum(1 for x in serve.lines() if x["event"] == "local_model_ready") < 2:
             assert time.monotonic() < deadline, serve.log.read_text()
             time.sleep(0.2)
         assert "local_model_died" in serve.log.read_text()
         serve.wait_ready()
         # a reply through the restarted server, whichever worker takes it
-        client = openai.OpenAI(base_url=serve.base + "/v1", api_key="none", timeout=120)
-        reply = client.chat.completions.create(model="gemma-3-270m", messages=MOON,
-                                               max_tokens=16, temperature=0)
+        with openai.OpenAI(base_url=serve.base + "/v1", api_key="none", timeout=120) as client:
+            reply = client.chat.completions.create(model="gemma-3-270m", messages=MOON,
+                                                   max_tokens=16, temperature=0)
         assert reply.choices[0].message.content
         keeper, restarted = serve.keeper(), serve.servers()[-1]
         assert len(serve.servers()) == 2  # one server for both workers, started twice
