@@ -11,7 +11,9 @@ others still do.
 * SIGTERM or SIGINT is forwarded, so every worker shuts down gracefully (see
   :func:`sseproxy.app.serve`); a second one is forwarded too and the workers exit at
   once. The master exits 0 when every worker did;
-* SIGHUP is forwarded: each worker re-reads the config file.
+* SIGHUP is forwarded: each worker re-reads the config file;
+* a master that dies without stopping them (SIGKILL) takes the workers with it: Linux
+  sends each a SIGTERM (``PR_SET_PDEATHSIG``), and they shut down as on SIGTERM.
 
 Metrics are per worker: worker ``i`` serves ``/metrics`` on ``metrics.port + i`` and
 Prometheus scrapes each as its own target (dashboards sum over ``instance``). This keeps
@@ -113,12 +115,18 @@ class Master:
         return 1 if self.failed else 0
 
     def _spawn(self, index: int) -> None:
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                # a master killed outright (SIGKILL) leaves no worker behind: each one
+                # then shuts down as on SIGTERM
+                localmodel.die_with_parent(signal.SIGTERM)
+                if os.getppid() != master:
+                    os.kill(os.getpid(), signal.SIGTERM)
                 from .app import serve
 
                 server = self.settings.server

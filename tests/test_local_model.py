@@ -253,11 +253,12 @@ def serve_local(tmp_path: Path, cache: Path, *args: str) -> Serve:
 
 
 def stop(serve: Serve) -> None:
-    """Whatever the test did: no sseproxy and no model server left running."""
+    """Whatever the test did: no sseproxy, worker or model server left running."""
     if serve.proc.poll() is None:
         serve.proc.kill()
         serve.proc.wait()
-    for pid in serve.servers():
+    workers = [x["pid"] for x in serve.lines() if x["event"] == "listening"]
+    for pid in [*workers, *serve.servers()]:
         if running_pid(pid):
             os.kill(pid, signal.SIGKILL)
 
