@@ -132,7 +132,9 @@ def server_command(model: Path, port: int) -> list[str]:
             "--model_alias", MODEL_ALIAS, "--chat_format", localserver.CHAT_FORMAT,
             "--host", "127.0.0.1", "--port", str(port),
             # queue concurrent requests instead of cutting the running reply short
-            "--interrupt_requests", "false"]
+            "--interrupt_requests", "false",
+            # no llama.cpp loader dump (over a thousand lines) in sseproxy's log
+            "--verbose", "false"]
 
 
 def die_with_parent(signum: int) -> None:

@@ -1,8 +1,8 @@
 """The local model's server process: llama.cpp's OpenAI-compatible server, adapted.
 
 ``python -m sseproxy.localserver ARGS`` runs ``python -m llama_cpp.server ARGS`` with
-``--chat_format`` :data:`CHAT_FORMAT` and two adaptations, for what sseproxy sends to and
-expects of any OpenAI-compatible API:
+``--chat_format`` :data:`CHAT_FORMAT`, with its own log cut to warnings and errors, and
+adapted to what sseproxy sends to and expects of any OpenAI-compatible API:
 
 * **A chat as a transcript.** The bundled model is Gemma 3 270M *base*, not its
   instruction-tuned variant: given Gemma's turn template it echoes the prompt and loops.
@@ -151,6 +151,12 @@ def main() -> None:
     server: Any = importlib.import_module("llama_cpp.server.__main__")
     create_app = server.create_app
     server.create_app = lambda **kwargs: MaxCompletionTokens(create_app(**kwargs))
+    # warnings and errors only: sseproxy logs the requests, and asks every second whether
+    # the server answers
+    uvicorn: Any = importlib.import_module("uvicorn")
+    run = uvicorn.run
+    uvicorn.run = lambda app, **kwargs: run(app, access_log=False, log_level="warning",
+                                            **kwargs)
     server.main()
 
 
