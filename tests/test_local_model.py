@@ -211,6 +211,14 @@ class Serve:
         return int(next(x["pid"] for x in self.lines()
                         if x["event"] == "local_model_keeper_started"))
 
+    def wait_keeper_ready(self, count: int, within: float = READY_WITHIN_S) -> None:
+        """Until the keeper has logged ``count`` model servers ready."""
+        deadline = time.monotonic() + within
+        while sum(1 for x in self.lines() if x["event"] == "local_model_ready") < count:
+            assert self.proc.poll() is None, self.log.read_text()
+            assert time.monotonic() < deadline, self.log.read_text()
+            time.sleep(0.2)
+
     def wait_ready(self, within: float = READY_WITHIN_S) -> None:
         deadline = time.monotonic() + within
         while True:
@@ -355,12 +363,10 @@ def test_workers_share_one_model_server_which_restarts_when_it_dies_and_stops_on
                         "--set", f"metrics.port={free_port(consecutive=2)}")
     try:
         serve.wait_ready()
+        serve.wait_keeper_ready(1)  # a worker may see the server answer before the keeper
         [server] = serve.servers()
         os.kill(server, signal.SIGKILL)  # the model server crashes
-        deadline = time.monotonic() + READY_WITHIN_S
-        while sum(1 for x in serve.lines() if x["event"] == "local_model_ready") < 2:
-            assert time.monotonic() < deadline, serve.log.read_text()
-            time.sleep(0.2)
+        serve.wait_keeper_ready(2)
         assert "local_model_died" in serve.log.read_text()
         serve.wait_ready()
         # a reply through the restarted server, whichever worker takes it
