@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run test lint typecheck bench bench-pacing clean
+.PHONY: run run-local test lint typecheck bench bench-pacing clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -24,6 +24,14 @@ $(VENV)/.installed-test: pyproject.toml | $(BIN)/python
 
 run: $(VENV)/.installed-run
 	$(BIN)/sseproxy serve $(ARGS)
+
+# The first install builds llama.cpp from source (several minutes, see README).
+$(VENV)/.installed-local: pyproject.toml | $(BIN)/python
+	$(BIN)/python -m pip install --quiet -e '.[local]'
+	touch $@ $(VENV)/.installed-run
+
+run-local: $(VENV)/.installed-local
+	$(BIN)/sseproxy serve --upstream local $(ARGS)
 
 lint: $(VENV)/.installed-test
 	$(BIN)/python -m flake8 sseproxy tests bench

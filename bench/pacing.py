@@ -16,6 +16,9 @@ simulated stream loop that pulls at arrivals and at ``next_due``), ``none`` (eve
 as it comes) and ``fixed-10ms`` (each word, ``auto`` units, sent 10 ms after the previous
 one, no catch-up, like a fixed ``smoothStream`` delay; the two references live only here).
 
+One pattern is recorded, not simulated: the local model's deltas as they arrived from
+llama.cpp (``bench/arrivals/``, written by ``bench/record_local.py``).
+
 Run: ``.venv/bin/python bench/pacing.py`` (about 15 s). It exits 1 when a target fails.
 """
 
@@ -176,6 +179,19 @@ def real_model(tokens: Sequence[str], rng: random.Random) -> Arrivals:
     return arrivals
 
 
+#: The local model's deltas as they arrived (``bench/record_local.py``, issue 19).
+RECORDED = Path(__file__).resolve().parent / "arrivals" / "local-gemma-3-270m.json"
+RECORDED_NAME = "local model, recorded (gemma-3-270m, llama.cpp)"
+
+
+def recorded() -> Arrivals:
+    """The recorded reply, times from its first delta."""
+    import json
+
+    arrivals = [(float(t), str(text)) for t, text in json.loads(RECORDED.read_text())["arrivals"]]
+    return [(t - arrivals[0][0], text) for t, text in arrivals]
+
+
 def run_burst(run: str, rng: random.Random) -> Arrivals:
     """20 tokens at 30 tok/s, a 2 s pause, ``run`` in one delta, then 20 tokens."""
     before = steady(english(20, rng), 30.0)
@@ -204,6 +220,7 @@ def patterns() -> dict[str, Arrivals]:
         "base64, 64 KB in one delta": run_burst(
             base64.b64encode(rng.randbytes(48 * 1024)).decode(), rng),
         "steady real model (~28 tok/s, jittered)": real_model(subwords(600, rng), rng),
+        RECORDED_NAME: recorded(),
     }
 
 
@@ -447,6 +464,11 @@ def main() -> int:
     check("steady real model passed as it arrives: p99 added lag < 5 ms",
           model.lag_p99 < 0.005, f"p99 {model.lag_p99 * 1000:.1f} ms, "
           f"max {model.lag_max * 1000:.1f} ms")
+    local = results[RECORDED_NAME, "sseproxy"]
+    check("recorded local model: p99 added lag <= one tick, gap CV no worse than unpaced",
+          local.lag_p99 <= tick + 1e-9 and local.gap_cv <= results[RECORDED_NAME, "none"].gap_cv,
+          f"p99 {local.lag_p99 * 1000:.1f} ms; gap CV {local.gap_cv:.2f} paced, "
+          f"{results[RECORDED_NAME, 'none'].gap_cv:.2f} unpaced")
     one = results["bursty, one 8 KB delta", "sseproxy"]
     print(f"- note: with the 8 KB in one delta, no pacing sends one "
           f"{results['bursty, one 8 KB delta', 'none'].largest}-character event; sseproxy's "

@@ -22,8 +22,8 @@ import tornado.httputil
 import tornado.netutil
 import tornado.web
 
-from . import access, config, handlers, httpserver, mockupstream, responses_handlers
-from . import session_handlers
+from . import access, config, handlers, httpserver, localmodel, mockupstream
+from . import responses_handlers, session_handlers
 from .config import Settings
 from .errors import ConfigError, ServerShutdown
 from .handlers import Deps
@@ -225,6 +225,7 @@ async def serve(
     *,
     sockets: list[socket.socket] | None = None,
     worker: int = 0,
+    local_url: str | None = None,
 ) -> int:
     """Run one sseproxy process until SIGINT or SIGTERM; SIGHUP reloads the config file.
 
@@ -237,6 +238,9 @@ async def serve(
     running streams may finish for ``server.shutdown_grace_s``, then those still running
     get a ``server_shutdown`` error and end, upstream requests are cancelled, and the
     process exits 0. A second SIGTERM or SIGINT exits at once.
+
+    ``local_url`` is where the model server of ``upstream.kind = "local"`` answers (see
+    :mod:`sseproxy.localmodel`); ``/readyz`` is 503 ``loading_model`` until it does.
     """
     mock_server = None
     upstream_url = settings.upstream_url
@@ -252,7 +256,13 @@ async def serve(
         log.warning("cookie_secret_random", env=config.COOKIE_SECRET_ENV,
                     hint="chat page logins end when sseproxy restarts and do not carry over "
                          "to other instances; set the variable to keep them")
+    probe = None
+    if settings.upstream.kind == "local" and local_url:
+        upstream_url = local_url
+        probe = localmodel.ReadinessProbe(local_url)
+        probe.start()
     deps = await build_deps(settings, upstream_url)
+    deps.local_model = probe
     server = make_server(make_app(settings, deps), settings)
     if sockets is None:
         sockets = tornado.netutil.bind_sockets(settings.server.port, settings.server.host,
@@ -296,6 +306,8 @@ async def serve(
         except TimeoutError:
             log.warning("connections_left_open")
         await close_deps(deps)
+        if probe is not None:
+            await probe.stop()
         if mock_server is not None:
             mock_server.stop()
             await mock_server.close_all_connections()

@@ -31,6 +31,9 @@ def _parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, help="processes (server.workers)")
     serve.add_argument("--upstream-url", help="OpenAI-compatible base URL (upstream.base_url)")
     serve.add_argument(
+        "--upstream", choices=("mock", "openai", "local"),
+        help="the simulator, an OpenAI-compatible API, or the local model (upstream.kind)")
+    serve.add_argument(
         "--set", action="append", default=[], metavar="SECTION.KEY=VALUE",
         help="override any config key (repeatable)",
     )
@@ -80,7 +83,8 @@ def create_key(name: str, keys_file: str | None) -> int:
 def _overrides(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for flag, key in (("host", "server.host"), ("port", "server.port"),
-                      ("workers", "server.workers"), ("upstream_url", "upstream.base_url")):
+                      ("workers", "server.workers"), ("upstream_url", "upstream.base_url"),
+                      ("upstream", "upstream.kind")):
         value = getattr(args, flag)
         if value is not None:
             out[key] = value

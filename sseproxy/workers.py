@@ -11,7 +11,9 @@ others still do.
 * SIGTERM or SIGINT is forwarded, so every worker shuts down gracefully (see
   :func:`sseproxy.app.serve`); a second one is forwarded too and the workers exit at
   once. The master exits 0 when every worker did;
-* SIGHUP is forwarded: each worker re-reads the config file.
+* SIGHUP is forwarded: each worker re-reads the config file;
+* a master that dies without stopping them (SIGKILL) takes the workers with it: Linux
+  sends each a SIGTERM (``PR_SET_PDEATHSIG``), and they shut down as on SIGTERM.
 
 Metrics are per worker: worker ``i`` serves ``/metrics`` on ``metrics.port + i`` and
 Prometheus scrapes each as its own target (dashboards sum over ``instance``). This keeps
@@ -31,6 +33,7 @@ from typing import Any
 import structlog
 import tornado.netutil
 
+from . import localmodel
 from .config import Settings
 
 log = structlog.get_logger("sseproxy.workers")
@@ -40,12 +43,22 @@ RESPAWN_DELAY_S = 1.0
 
 
 def run(settings: Settings, overrides: Mapping[str, Any] | None = None) -> int:
-    """Serve with ``server.workers`` processes; return the exit status."""
+    """Serve with ``server.workers`` processes; return the exit status.
+
+    With ``upstream.kind = "local"`` the model server is started first, once, and every
+    worker relays to it; it is stopped when they all have.
+    """
     from .app import serve
 
-    if settings.server.workers == 1:
-        return run_loop(settings, serve(settings, overrides))
-    return Master(settings, overrides).run()
+    local = localmodel.start(settings) if settings.upstream.kind == "local" else None
+    local_url = local.url if local is not None else None
+    try:
+        if settings.server.workers == 1:
+            return run_loop(settings, serve(settings, overrides, local_url=local_url))
+        return Master(settings, overrides, local_url).run()
+    finally:
+        if local is not None:
+            local.stop()
 
 
 def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
@@ -65,9 +78,11 @@ def run_loop(settings: Settings, main: Coroutine[Any, Any, int]) -> int:
 
 
 class Master:
-    def __init__(self, settings: Settings, overrides: Mapping[str, Any] | None) -> None:
+    def __init__(self, settings: Settings, overrides: Mapping[str, Any] | None,
+                 local_url: str | None = None) -> None:
         self.settings = settings
         self.overrides = overrides
+        self.local_url = local_url
         self.children: dict[int, int] = {}  # pid -> worker index
         self.signals = 0
         self.failed = False
@@ -100,19 +115,26 @@ class Master:
         return 1 if self.failed else 0
 
     def _spawn(self, index: int) -> None:
+        master = os.getpid()
         pid = os.fork()
         if pid == 0:  # the worker
             code = 1
             try:
                 for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
                     signal.signal(sig, signal.SIG_DFL)
+                # a master killed outright (SIGKILL) leaves no worker behind: each one
+                # then shuts down as on SIGTERM
+                localmodel.die_with_parent(signal.SIGTERM)
+                if os.getppid() != master:
+                    os.kill(os.getpid(), signal.SIGTERM)
                 from .app import serve
 
                 server = self.settings.server
                 sockets = tornado.netutil.bind_sockets(
                     server.port, server.host, backlog=4096, reuse_port=True)
                 code = run_loop(self.settings, serve(self.settings, self.overrides,
-                                                     sockets=sockets, worker=index))
+                                                     sockets=sockets, worker=index,
+                                                     local_url=self.local_url))
             except BaseException:
                 log.exception("worker_failed", worker=index)
             finally:

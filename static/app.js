@@ -289,6 +289,17 @@
     for (const m of history) (m.role === 'user' ? showUser(m.content) : showAnswer(m));
     refresh();
 
+    // upstream.kind = "local": /readyz says "loading_model" until the model answers.
+    const loading = $('#loading');
+    const checkModel = () => fetch('/readyz', { cache: 'no-store' })
+      .then((r) => r.json())
+      .then((ready) => {
+        loading.hidden = ready.status !== 'loading_model';
+        if (!loading.hidden) setTimeout(checkModel, 1000);
+      })
+      .catch(() => {});
+    checkModel();
+
     fetch('/v1/personas').then((r) => (r.ok ? r.json() : { data: [] })).then((list) => {
       for (const p of list.data || []) {
         personaSelect.append(new Option(p.title || p.id, p.id));

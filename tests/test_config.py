@@ -111,7 +111,7 @@ def test_environment_booleans(text: str, value: bool) -> None:
         ("[server]\nprot = 1", ["unknown key", "server.prot", "did you mean 'port'"]),
         ("[hartbeat]\ninterval_s = 1", ["unknown section", "hartbeat", "heartbeat"]),
         ("[upstream]\nbase_url = 'ftp://x'", ["upstream.base_url", "http://"]),
-        ("[upstream]\nkind = 'local'", ["upstream.kind", "local"]),
+        ("[upstream]\nkind = 'local'\nbase_url = 'http://x'", ["upstream.base_url", "local"]),
         ("[personas.x]\nmodel = 'm'", ["personas.x.system", "non-empty"]),
         ("[personas.x]\nsystem = 's'\nsytem = 't'", ["personas.x.sytem", "system"]),
         ("[server]\nport = [", ["not valid TOML"]),

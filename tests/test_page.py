@@ -23,6 +23,7 @@ import httpx
 import pytest
 from servers import running
 
+from sseproxy import localmodel
 from sseproxy.mockupstream import Scenario, make_tokens
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -163,6 +164,24 @@ async def test_answer_grows_while_streaming_and_ends_exact_then_a_second_turn_se
     assert [m["role"] for m in seen.posts[1]["messages"]] == ["user", "assistant", "user"]
     assert seen.posts[1]["messages"][1]["content"] == expected
     assert (tmp_path / "chat-phone.png").stat().st_size > 0
+
+
+async def test_loading_model_shows_until_the_local_model_answers(io_loop: Any) -> None:
+    # issue 19: with upstream.kind = "local", /readyz says loading_model until it answers
+    async with running(Scenario(tokens=3)) as r:
+        probe = localmodel.ReadinessProbe("http://127.0.0.1:9/v1")  # never started
+        r.deps.local_model = probe
+
+        def drive() -> str:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/")
+                page.wait_for_selector("#loading", state="visible")
+                shown = str(page.inner_text("#loading"))
+                probe.ready = True
+                page.wait_for_selector("#loading", state="hidden")
+                return shown
+        shown = await in_browser(drive)
+    assert shown == "Loading model…"
 
 
 async def test_stop_cancels_the_upstream_request(io_loop: Any) -> None:

@@ -4,6 +4,7 @@ several workers (issue 5). Real `sseproxy` processes and a separate simulator pr
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -209,6 +210,43 @@ def test_two_workers_both_serve_and_their_metrics_add_up(tmp_path: Path) -> None
     pids = {x["pid"] for x in lines if x["event"] == "stream"}
     assert len(pids) == 2
     assert sum(1 for x in lines if x["event"] == "stream") == count
+
+
+def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
+    # issue 19: SIGKILL of sseproxy leaves no process behind, workers included
+    port, metrics_port = free_port(), free_port(consecutive=2)
+    log = tmp_path / "serve.log"
+    with simulator(tmp_path) as mock:
+        with process("serve", "--port", str(port), "--workers", "2", "--upstream-url",
+                     mock + "/v1", "--set", f"metrics.port={metrics_port}",
+                     url=f"http://127.0.0.1:{port}/healthz", log=log) as proc:
+            deadline = time.monotonic() + 20
+            while len(pids := listening_pids(log)) < 2:
+                assert time.monotonic() < deadline, log.read_text()
+                time.sleep(0.1)
+            proc.kill()
+            proc.wait()
+            deadline = time.monotonic() + 30
+            while alive := [pid for pid in pids if running(pid)]:
+                if time.monotonic() > deadline:
+                    for pid in alive:
+                        os.kill(pid, signal.SIGKILL)
+                    raise AssertionError(f"workers {alive} outlived their master")
+                time.sleep(0.1)
+
+
+def listening_pids(log: Path) -> list[int]:
+    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    return [x["pid"] for x in lines if x["event"] == "listening"]
+
+
+def running(pid: int) -> bool:
+    """Whether ``pid`` is a process that has not exited (a zombie has)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] not in ("Z", "X")
 
 
 def completed_count(exposition: str) -> int:
