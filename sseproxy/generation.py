@@ -35,7 +35,7 @@ import structlog
 from . import errors
 from .config import Settings
 from .frames import dumps, error_object
-from .pacing import Pacer
+from .pacing import UNPACED, Pacer, Unpaced
 from .record import Outcome, StallWatch, StreamRecord, outcome_of
 from .store import DONE, ERROR, LIVE_HIGH_WATER, LIVE_LOW_WATER, TEXT, EventLog
 from .upstream import ChatStream, Delta, UpstreamClient
@@ -82,8 +82,9 @@ class Generation:
         self.stream_id = log.stream_id
         self.request_id = request_id
         self._loop = asyncio.get_running_loop()
-        self._pacer = Pacer(settings.pacing)
         self._paced = settings.pacing.mode != "off"
+        #: Pacing off: a pacer that never holds anything (a real one is a few KB a stream).
+        self._pacer: Pacer | Unpaced = Pacer(settings.pacing) if self._paced else UNPACED
         self.upstream_watch = StallWatch("upstream", settings.stall.threshold_s,
                                          self._loop.time, record.stall_changed)
         self._chat: ChatStream | None = None
@@ -114,8 +115,9 @@ class Generation:
         self.received_chars = 0
         #: The upstream's own Responses events go into the log too (see the module doc).
         self.relay = False
-        #: Deltas waiting behind text the pacer holds (an event came while it held some).
-        self._held: deque[Delta] = deque()
+        #: Deltas waiting behind text the pacer holds (an event came while it held some);
+        #: made by the first one (only a relayed Responses stream has any).
+        self._held: deque[Delta] | None = None
 
     @property
     def usage(self) -> Mapping[str, Any] | None:
@@ -353,6 +355,8 @@ class Generation:
     def _hold(self, delta: Delta) -> None:
         """Queue ``delta`` (an event, or text after one) behind what the pacer holds; take
         it in at once when the pacer holds nothing."""
+        if self._held is None:
+            self._held = deque()
         self._held.append(delta)
         self._backlog += len(delta.content)
         if not self._pacer.pending:

@@ -157,7 +157,9 @@ class Body(httpx.AsyncByteStream):
         self._head = head
         self.complete = head.framing == "none"
         self.error: BaseException | None = None
-        self._queue: deque[bytes] = deque()
+        #: Pieces not yet taken (pulled, or arrived before :meth:`push`); made when needed:
+        #: a pushed body, the common case, never queues (an empty deque is 760 bytes).
+        self._queue: deque[bytes] | None = None
         self._queued = 0
         self._waiter: asyncio.Future[None] | None = None
         self._on_data: OnData | None = None
@@ -172,6 +174,8 @@ class Body(httpx.AsyncByteStream):
             return  # released early: the connection only reads the rest to be reused
         on_data = self._on_data
         if on_data is None:
+            if self._queue is None:
+                self._queue = deque()
             self._queue.append(data)
             self._queued += len(data)
             if self._queued >= PULL_HIGH_WATER:
@@ -225,7 +229,7 @@ class Body(httpx.AsyncByteStream):
                 f"a compressed body ({encoding[:40]!r}) is not pushed"))
             return
         self._on_data, self._on_end = on_data, on_end
-        queued, self._queue = self._queue, deque()
+        queued, self._queue = self._queue or (), None
         self._queued = 0
         for data in queued:
             self._deliver(data)
@@ -254,8 +258,9 @@ class Body(httpx.AsyncByteStream):
     async def __aiter__(self) -> AsyncIterator[bytes]:
         loop = asyncio.get_running_loop()
         while True:
-            while self._queue:
-                data = self._queue.popleft()
+            queue = self._queue
+            while queue:
+                data = queue.popleft()
                 self._queued -= len(data)
                 if self._queued < PULL_HIGH_WATER // 2 and not self._paused:
                     self._conn.resume_reading()

@@ -791,3 +791,28 @@ class Pacer:
             cut: int = m.end() + off
             return cut
         return end
+
+
+class Unpaced:
+    """``pacing.mode = "off"``: the pacer's interface holding nothing (text goes straight
+    to the log, never through :meth:`push`). It has no state, so one instance
+    (:data:`UNPACED`) serves every stream: a real :class:`Pacer` costs a few KB a stream."""
+
+    __slots__ = ()
+
+    pending = False
+
+    def push(self, text: str, now: float) -> None:
+        raise RuntimeError("pacing is off: text is not pushed")
+
+    def finish(self, now: float) -> None:
+        pass
+
+    def next_due(self) -> float | None:
+        return None
+
+    def pull(self, now: float) -> list[Piece]:
+        return []
+
+
+UNPACED = Unpaced()

@@ -25,7 +25,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from sseproxy import pacing
-from sseproxy.pacing import Pacer, PacingSettings, Piece, segment
+from sseproxy.pacing import UNPACED, Pacer, PacingSettings, Piece, segment
 
 TICK = 0.025
 S = PacingSettings(
@@ -843,3 +843,12 @@ def test_property_long_runs_concatenate_exactly_in_whole_clusters(
         # unit = token sends the upstream's own tokens: a piece may end where a delta ended,
         # even inside a cluster the upstream itself split across two deltas.
         assert end in clusters or end == x.pushed or (s.unit == "token" and end in bounds)
+
+
+def test_pacing_off_holds_nothing_and_refuses_text() -> None:
+    # pacing.mode = "off": one stateless stand-in serves every stream.
+    assert not UNPACED.pending and UNPACED.next_due() is None
+    UNPACED.finish(1.0)
+    assert UNPACED.pull(2.0) == [] and not UNPACED.pending
+    with pytest.raises(RuntimeError):
+        UNPACED.push("text", 1.0)
