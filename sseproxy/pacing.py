@@ -118,19 +118,21 @@ core of a 2-CPU x86-64 Linux VM, Python 3.11):
 
 from __future__ import annotations
 
+import itertools
 import math
 import re
 import sys
-from collections import deque
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field, fields
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 # regex ships no type stubs (and typeshed has none); every result taken from it below is
 # annotated where it is used.
 import regex  # type: ignore[import-untyped]
 
 __all__ = ["PacingSettings", "Piece", "Pacer", "check_field", "segment"]
+
+_T = TypeVar("_T")
 
 # --- settings ----------------------------------------------------------------------------
 
@@ -347,6 +349,50 @@ class _Group:
         self.end = end
 
 
+class _Queue(Generic[_T]):
+    """A FIFO queue that gives its memory back when it empties: a list and the index of
+    its head. An idle stream's pacer holds three of these; as ``deque`` objects they cost
+    760 bytes each even when empty, as lists next to nothing."""
+
+    __slots__ = ("_items", "_head")
+
+    def __init__(self) -> None:
+        self._items: list[_T] = []
+        self._head = 0
+
+    def __bool__(self) -> bool:
+        return self._head < len(self._items)
+
+    def __len__(self) -> int:
+        return len(self._items) - self._head
+
+    def __iter__(self) -> Iterator[_T]:
+        return itertools.islice(self._items, self._head, None)
+
+    def __getitem__(self, index: int) -> _T:
+        """Only the first (0) and the last (-1) item."""
+        return self._items[self._head if index == 0 else index]
+
+    def __setitem__(self, index: int, value: _T) -> None:
+        self._items[self._head if index == 0 else index] = value
+
+    def append(self, item: _T) -> None:
+        self._items.append(item)
+
+    def popleft(self) -> _T:
+        items, head = self._items, self._head
+        item = items[head]  # IndexError when empty, as deque's
+        head += 1
+        if head == len(items):
+            self._items, self._head = [], 0
+        elif head > 64 and 2 * head > len(items):
+            del items[:head]
+            self._head = 0
+        else:
+            self._head = head
+        return item
+
+
 class Pacer:
     """The pacing state of one stream; see the module docstring for the rules.
 
@@ -381,11 +427,11 @@ class Pacer:
         # Each character is copied into buf once, when a cut needs it.
         self._buf = ""
         self._buf_start = 0
-        self._chunks: deque[str] = deque()
+        self._chunks: _Queue[str] = _Queue()
         self._head = 0
         self._end = 0
         #: Arrival times of the queue, oldest first, run-length encoded by position.
-        self._groups: deque[_Group] = deque()
+        self._groups: _Queue[_Group] = _Queue()
         self._last_event: float | None = None
         self._tat = -math.inf  # the rate limit's theoretical time of the next event
         self._last_arrival = -math.inf  # the last push: when the queue's end last grew
@@ -398,7 +444,7 @@ class Pacer:
         # of each active batch's excess that has matured by t (linear over target_lag_s).
         self._owed = 0
         self._window = 0  # units owed at the next tick since the last event
-        self._batches: deque[tuple[float, int]] = deque()  # (arrived - base, excess)
+        self._batches: _Queue[tuple[float, int]] = _Queue()  # (arrived - base, excess)
         self._sum_e = 0
         self._sum_ea = 0.0
         self._base: float | None = None

@@ -15,6 +15,7 @@ import base64
 import contextlib
 import math
 import random
+from collections import deque
 from dataclasses import dataclass, replace
 from typing import Any
 from unittest import mock
@@ -852,3 +853,28 @@ def test_pacing_off_holds_nothing_and_refuses_text() -> None:
     assert UNPACED.pull(2.0) == [] and not UNPACED.pending
     with pytest.raises(RuntimeError):
         UNPACED.push("text", 1.0)
+
+
+@settings(max_examples=300)
+@given(st.lists(st.one_of(st.integers(0, 9), st.none()), max_size=400))
+def test_the_pacers_queue_behaves_as_a_deque(ops: list[int | None]) -> None:
+    # None pops from the left, a number appends; the queue lets its memory go when empty.
+    queue: pacing._Queue[int] = pacing._Queue()
+    model: deque[int] = deque()
+    for op in ops:
+        if op is None:
+            if model:
+                assert queue.popleft() == model.popleft()
+            else:
+                with pytest.raises(IndexError):
+                    queue.popleft()
+        else:
+            queue.append(op)
+            model.append(op)
+        assert bool(queue) == bool(model) and len(queue) == len(model)
+        assert list(queue) == list(model)
+        if model:
+            assert (queue[0], queue[-1]) == (model[0], model[-1])
+            queue[-1] = model[-1] = op or 0
+    if not model:
+        assert queue._items == []
