@@ -59,6 +59,17 @@ def passed_on(err: dict[str, Any], secret: str | None) -> Said:
     return message, code, etype
 
 
+def json_object(data: str, what: str) -> dict[str, Any]:
+    """One event's data as a JSON object; ``what`` names it in the error (``frame``)."""
+    try:
+        obj = loads(data)
+    except ValueError as exc:
+        raise errors.MalformedFrame(f"the upstream sent {what} that is not JSON") from exc
+    if not isinstance(obj, dict):
+        raise errors.MalformedFrame(f"the upstream sent {what} that is not a JSON object")
+    return obj
+
+
 def stream_error(err: Any, default: str, secret: str | None) -> errors.UpstreamStreamError:
     """The error an upstream reported in its stream (an OpenAI error object, or not)."""
     message, code = default, None
@@ -83,12 +94,7 @@ class ChatDecoder:
         if data == "[DONE]":
             self.done = True
             return None
-        try:
-            obj = loads(data)
-        except ValueError as exc:
-            raise errors.MalformedFrame("the upstream sent a frame that is not JSON") from exc
-        if not isinstance(obj, dict):
-            raise errors.MalformedFrame("the upstream sent a frame that is not a JSON object")
+        obj = json_object(data, "a frame")
         err = obj.get("error")
         if err is not None:
             raise stream_error(err, "the upstream reported an error mid-reply", self._secret)

@@ -32,7 +32,7 @@ from typing import Any
 
 from . import errors
 from .delta import Delta
-from .upstream_chat import loads, passed_on, redact, stream_error
+from .upstream_chat import json_object, passed_on, redact, stream_error
 
 #: Log kind of an upstream Responses event relayed as it came (data: its JSON).
 RELAYED = "relayed"
@@ -140,12 +140,7 @@ class ResponsesDecoder:
         self._role = False
 
     def decode(self, name: str, data: str) -> Delta | None:
-        try:
-            obj = loads(data)
-        except ValueError as exc:
-            raise errors.MalformedFrame("the upstream sent an event that is not JSON") from exc
-        if not isinstance(obj, dict):
-            raise errors.MalformedFrame("the upstream sent an event that is not a JSON object")
+        obj = json_object(data, "an event")
         kind = obj.get("type")
         if not isinstance(kind, str):
             if name == "message":

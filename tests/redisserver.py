@@ -13,10 +13,14 @@ import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
+from collections.abc import AsyncIterator, Iterator
+from contextlib import asynccontextmanager, contextmanager
+from typing import Any
 
 import pytest
+from servers import Running, instance, simulator
+
+from sseproxy.mockupstream import Scenario
 
 #: How long redis-server may take to answer after it was started.
 START_TIMEOUT_S = 10.0
@@ -85,3 +89,15 @@ def redis_server() -> Iterator[RedisServer]:
         yield server
     finally:
         server.close()
+
+
+@asynccontextmanager
+async def pair(redis: RedisServer, scenario: Scenario,
+               **overrides: Any) -> AsyncIterator[tuple[Running, Running]]:
+    """Instances A and B in front of one simulator, sharing ``redis``."""
+    keys = {"store__backend": "redis", "store__redis_url": redis.url,
+            "store__redis_timeout_s": 0.5, **overrides}
+    async with simulator() as mock_url:
+        async with instance(mock_url, scenario, **keys) as a:
+            async with instance(mock_url, scenario, **keys) as b:
+                yield a, b

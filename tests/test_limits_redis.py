@@ -8,15 +8,16 @@ by itself (fail-open to per-instance counters).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from typing import Any
 
 import httpx
 import pytest
 from redis.asyncio import Redis
+import redisserver
 from redisserver import RedisServer, redis_server
-from servers import Running, instance, simulator
+from servers import Running
 
 from sseproxy import limits
 from sseproxy.limiter import MemoryCounters, RedisCounters
@@ -33,15 +34,10 @@ def redis() -> Iterator[RedisServer]:
         yield server
 
 
-@asynccontextmanager
-async def pair(redis: RedisServer, scenario: Scenario = LONG,
-               **overrides: Any) -> AsyncIterator[tuple[Running, Running]]:
-    keys = {"store__backend": "redis", "store__redis_url": redis.url,
-            "store__redis_timeout_s": 0.5, **overrides}
-    async with simulator() as mock_url:
-        async with instance(mock_url, scenario, **keys) as a:
-            async with instance(mock_url, scenario, **keys) as b:
-                yield a, b
+def pair(redis: RedisServer, scenario: Scenario = LONG,
+         **overrides: Any) -> AbstractAsyncContextManager[tuple[Running, Running]]:
+    """Instances A and B in front of one simulator, sharing ``redis``."""
+    return redisserver.pair(redis, scenario, **overrides)
 
 
 def chat(stream: bool = False) -> dict[str, Any]:

@@ -11,15 +11,16 @@ import asyncio
 import json
 import signal
 import time
-from collections.abc import AsyncIterator, Iterator
-from contextlib import asynccontextmanager
+from collections.abc import Iterator
+from contextlib import AbstractAsyncContextManager
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+import redisserver
 from redisserver import RedisServer, redis_server
-from servers import Received, Running, eventually, instance, simulator, stream
+from servers import Received, Running, eventually, stream
 from test_cli import free_port, process
 from test_process import Reader
 from test_process import simulator as simulator_process
@@ -41,16 +42,10 @@ def ids(got: Received) -> list[int]:
     return [int(e.id.rsplit(".", 1)[1]) for e in got.events]
 
 
-@asynccontextmanager
-async def pair(redis: RedisServer, scenario: Scenario = SLOW,
-               **overrides: Any) -> AsyncIterator[tuple[Running, Running]]:
+def pair(redis: RedisServer, scenario: Scenario = SLOW,
+         **overrides: Any) -> AbstractAsyncContextManager[tuple[Running, Running]]:
     """Instances A and B in front of one simulator, sharing ``redis``."""
-    keys = {"store__backend": "redis", "store__redis_url": redis.url,
-            "store__redis_timeout_s": 0.5, **overrides}
-    async with simulator() as mock_url:
-        async with instance(mock_url, scenario, **keys) as a:
-            async with instance(mock_url, scenario, **keys) as b:
-                yield a, b
+    return redisserver.pair(redis, scenario, **overrides)
 
 
 async def start(r: Running) -> str:
