@@ -159,8 +159,8 @@ class StreamRecord:
         self.finish_reason: str | None = None
         self.usage: Mapping[str, Any] | None = None
         self.upstream_status: int | None = None
-        #: "Who pays when a client leaves" (monotonic): when the client went away, when an
-        #: upstream request still running was cancelled, when that request was closed.
+        #: "Who pays when a client leaves" (monotonic): when the last client went away, when
+        #: an upstream request still running was cancelled, when that request was closed.
         self.client_left_at: float | None = None
         self.upstream_cancelled_at: float | None = None
         self.upstream_closed_at: float | None = None
@@ -228,7 +228,10 @@ class StreamRecord:
             self.error = error
 
     def client_left(self) -> None:
-        if self.client_left_at is None:
+        """A client went away. Until the upstream request is cancelled, the latest leave
+        counts (a resumed stream is cancelled after its last client left); after it, none
+        does (a connection that ends after its own cancellation is not a new cause)."""
+        if self.upstream_cancelled_at is None:
             self.client_left_at = time.monotonic()
 
     def upstream_cancelled(self) -> None:
@@ -262,7 +265,7 @@ class StreamRecord:
         usage = self.usage or {}
         p99 = _p99(self.lags)
         # upstream_cancelled: an upstream request still running was cancelled; cancel_after_s:
-        # from the client leaving (or sseproxy deciding to stop) until it was closed.
+        # from the last client leaving (or sseproxy deciding to stop) until it was closed.
         since = self.client_left_at or self.upstream_cancelled_at
         closed = self.upstream_closed_at
         extra: dict[str, Any] = {

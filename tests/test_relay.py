@@ -10,6 +10,7 @@ import contextlib
 import json
 import socket
 import struct
+import time
 from collections.abc import AsyncGenerator, MutableMapping
 from typing import Any, cast
 from urllib.parse import quote
@@ -803,3 +804,31 @@ async def test_the_stream_line_of_a_completed_stream_cancelled_nothing(io_loop: 
             line = await stream_line(logs)
     assert line["outcome"] == "completed"
     assert line["upstream_cancelled"] is False and line["cancel_after_s"] is None
+
+
+async def test_cancel_after_s_counts_from_the_last_client_that_left(io_loop: Any) -> None:
+    # A client leaves, resumes with Last-Event-ID, reads on, and leaves again: the upstream
+    # is cancelled store.orphan_grace_s after the second leave, and cancel_after_s is
+    # measured from that leave, not from the first one (which was seconds earlier).
+    grace = 0.5
+    async with running(Scenario(rate=20, tokens=10_000), store__orphan_grace_s=grace) as r:
+        with capture_logs() as logs:
+            first = await stream("GET", es_url(r.url), stop_after=2)
+            decoder = sse.Decoder()
+            events: list[sse.Event] = []
+            async with httpx.AsyncClient(timeout=20) as c:
+                async with c.stream("GET", es_url(r.url),
+                                    headers={"Last-Event-ID": first.events[-1].id}) as resp:
+                    raw = cast(AsyncGenerator[bytes, None], resp.aiter_raw())
+                    async with contextlib.aclosing(raw) as chunks:
+                        async for chunk in chunks:
+                            events += decoder.feed(chunk)
+                            if len(events) >= 20:  # about a second after the first leave
+                                break
+                    left = time.monotonic()  # the server sees this client leave after this
+            line = await stream_line(logs)
+            logged = time.monotonic()
+        await r.wait_mock("cancelled", 1, within=5)
+    assert line["outcome"] == "abandoned" and line["upstream_cancelled"] is True
+    # Both bounds follow from the order of events on one clock, whatever the load.
+    assert grace - 0.001 <= line["cancel_after_s"] <= logged - left + 0.001
