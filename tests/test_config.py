@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import errno
+import io
 import json
 import os
 import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -200,6 +203,46 @@ def test_an_unreadable_config_file_is_a_config_error_naming_the_file(tmp_path: P
     with pytest.raises(ConfigError, match="cannot be read: Permission denied") as info:
         config.load(str(path), environ={})
     assert repr(str(path)) in info.value.message
+
+
+class _FailingFile(io.BytesIO):
+    def read(self, size: int | None = -1) -> bytes:
+        raise OSError(errno.EIO, "Input/output error")
+
+
+@pytest.mark.parametrize("when", ["load", "reload"])
+@pytest.mark.parametrize("step, needle", [
+    ("open", "cannot be read: Permission denied"),
+    ("read", "cannot be read: Input/output error"),
+])
+def test_a_config_file_the_system_refuses_is_a_config_error_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, when: str, step: str, needle: str
+) -> None:
+    # issue 12 point 4 (permissions): root reads any file whatever its mode, so the refusal
+    # is made where the system makes it, at the open (EACCES) or at the read (EIO)
+    path = write(tmp_path, "[server]\nport = 9000\n")
+    current = config.load(path, environ={})
+    real_open, real_fdopen = os.open, os.fdopen
+
+    def refusing_open(name: Any, flags: int, *args: Any, **kwargs: Any) -> int:
+        if step == "open" and os.fspath(name) == path:
+            raise PermissionError(errno.EACCES, "Permission denied")
+        return real_open(name, flags, *args, **kwargs)
+
+    def failing_fdopen(fd: int, *args: Any, **kwargs: Any) -> Any:
+        if step == "read":
+            os.close(fd)
+            return _FailingFile()
+        return real_fdopen(fd, *args, **kwargs)
+
+    monkeypatch.setattr(os, "open", refusing_open)
+    monkeypatch.setattr(os, "fdopen", failing_fdopen)
+    with pytest.raises(ConfigError, match=needle) as info:
+        if when == "load":
+            config.load(path, environ={})
+        else:
+            config.reload(current, environ={})
+    assert repr(path) in info.value.message
 
 
 def test_api_key_comes_from_the_named_variable_and_only_for_openai() -> None:
