@@ -86,6 +86,7 @@ def make_app(settings: Settings, deps: Deps, **app_settings: Any) -> tornado.web
         (r"/v1/chat/completions", handlers.ChatCompletionsHandler, route),
         (r"/v1/chat/stream", handlers.ChatStreamHandler, route),
         (r"/v1/models", handlers.ModelsHandler, route),
+        (r"/v1/models/(.+)", handlers.ModelHandler, route),
         (r"/v1/personas", handlers.PersonasHandler, route),
         (r"/v1/streams", handlers.StreamsHandler, route),
         (rf"/v1/streams/{stream_id}", handlers.StreamHandler, route),

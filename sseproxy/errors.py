@@ -33,6 +33,7 @@ exceptions are translated into it once, at the boundary where they happen
     │   └── StreamCancelled            cancelled              DELETE /v1/streams/{id}
     ├── LogFull                        log_full               store.max_events / max_bytes
     ├── StreamNotFound                 stream_not_found       404 (DELETE of an unknown id)
+    ├── ModelNotFound                  model_not_found        404 (GET /v1/models/{id})
     ├── SSEDecodeError                 (the codec's own; wrapped into MalformedFrame upstream)
     │   └── EventTooLarge
     └── UpstreamError                                         502 unless said otherwise
@@ -284,6 +285,17 @@ class StreamNotFound(SSEProxyError):
     def __init__(self, message: str | None = None) -> None:
         super().__init__(
             message or "no stream with this id (unknown, or expired after store.ttl_s)")
+
+
+class ModelNotFound(SSEProxyError):
+    """``GET /v1/models/{id}`` of a model that ``GET /v1/models`` does not list."""
+
+    status = 404
+    code = "model_not_found"
+    type = "invalid_request_error"
+
+    def __init__(self, model: str) -> None:
+        super().__init__(f"the model {model!r} does not exist; GET /v1/models lists them")
 
 
 # --- the SSE codec ----------------------------------------------------------

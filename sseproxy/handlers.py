@@ -679,6 +679,17 @@ class ModelsHandler(BaseHandler):
         self.finish(await self.deps.models.models(self.cfg))
 
 
+class ModelHandler(BaseHandler):
+    """``GET /v1/models/{id}``: that entry of the model list, else ``404 model_not_found``."""
+
+    async def get(self, model: str) -> None:
+        found = await self.deps.models.model(self.cfg, model)
+        if found is None:
+            self.send_error_object(errors.ModelNotFound(model))
+            return
+        self.finish(found)
+
+
 class PersonasHandler(BaseHandler):
     """``GET /v1/personas``: each persona's name, title and model, never its prompt."""
 

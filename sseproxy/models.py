@@ -10,6 +10,9 @@ personas name; the upstream is then asked again only after :data:`FALLBACK_TTL_S
 client polling the list never waits on an upstream that is down. Requests that arrive
 while the list is fetched wait for that one fetch.
 
+``/v1/models/{id}`` answers that entry of the list (a model id may hold ``/``), or ``404``
+``model_not_found``, as OpenAI's retrieve does.
+
 ``/v1/personas`` lists each persona's name, title and model, never its system prompt.
 """
 
@@ -56,6 +59,11 @@ class ModelCatalog:
         if listed is None:
             listed = [self._model(name) for name in own_models(settings)]
         return {"object": "list", "data": listed}
+
+    async def model(self, settings: Settings, name: str) -> dict[str, Any] | None:
+        """The body of ``GET /v1/models/{name}``: that entry of the list, or None."""
+        listed = (await self.models(settings))["data"]
+        return next((m for m in listed if m["id"] == name), None)
 
     def _model(self, name: str) -> dict[str, Any]:
         return {"id": name, "object": "model", "created": self.created, "owned_by": "sseproxy"}

@@ -85,6 +85,7 @@ async def test_a_request_without_a_valid_key_is_401_and_the_upstream_never_sees_
                 await c.delete("/v1/streams/" + "0" * 32),
                 await c.post("/v1/responses", json={"input": "hi", "stream": True}),
                 await c.get("/v1/models"),
+                await c.get("/v1/models/mock"),
                 await c.get("/v1/personas"),
                 await c.get("/metrics"),
             ]

@@ -174,3 +174,39 @@ async def test_the_example_personas_are_listed_without_a_config_file(io_loop: An
             answer = await c.get(r.url + "/v1/personas")
     assert [p["id"] for p in answer.json()["data"]] == ["fortune-teller", "pirate", "concise"]
     assert "prophecy" not in answer.text and "system" not in answer.text
+
+
+async def test_openai_sdk_retrieves_one_model_of_the_upstream_list(
+    io_loop: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # GET /v1/models/{id}, the SDK's models.retrieve: tools check a model before using it
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-upstream-only")
+    body = {"object": "list", "data": [*UPSTREAM_LIST["data"], {
+        "id": "meta-llama/Llama-3.1-8B", "object": "model", "created": 1, "owned_by": "meta"}]}
+    upstream = ModelsUpstream(body=body)
+    async with serving(upstream) as url:
+        async with running(upstream_url=url, upstream__kind="openai") as r:
+            async with sdk(r.url) as client:
+                o3 = await client.models.retrieve("o3")
+                llama = await client.models.retrieve("meta-llama/Llama-3.1-8B")
+                with pytest.raises(openai.NotFoundError) as info:
+                    await client.models.retrieve("gpt-5-nonexistent")
+            async with httpx.AsyncClient() as c:
+                raw = await c.get(r.url + "/v1/models/o3")
+    assert o3.id == "o3" and raw.json() == UPSTREAM_LIST["data"][1]  # as the upstream wrote it
+    assert (llama.id, llama.owned_by) == ("meta-llama/Llama-3.1-8B", "meta")
+    error = info.value.body
+    assert isinstance(error, dict)
+    assert (error["type"], error["code"]) == ("invalid_request_error", "model_not_found")
+    assert "gpt-5-nonexistent" in error["message"]
+    assert len(upstream.headers) == 1, "one fetch serves the list and its entries"
+
+
+async def test_without_an_upstream_list_a_persona_model_can_be_retrieved(io_loop: Any) -> None:
+    async with serving(ModelsUpstream(status=404, body={})) as url:
+        async with running(upstream_url=url, upstream__model="m1", personas=PERSONAS) as r:
+            async with sdk(r.url) as client:
+                poet = await client.models.retrieve("gpt-poet")
+                with pytest.raises(openai.NotFoundError):
+                    await client.models.retrieve("poet")  # a persona is not a model
+    assert (poet.id, poet.object, poet.owned_by) == ("gpt-poet", "model", "sseproxy")
