@@ -26,7 +26,7 @@ from test_cli import free_port, process
 from test_process import Reader
 from test_process import simulator as simulator_process
 
-from sseproxy import app
+from sseproxy import app, sse
 from sseproxy.mockupstream import Scenario, make_tokens
 from sseproxy.store.redis import RedisStore
 
@@ -351,3 +351,89 @@ def test_sigterm_sends_eventsource_clients_to_another_instance_and_loses_no_repl
         assert text == whole
         assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
     assert stats["requests"] == clients and stats["completed"] == clients
+
+
+PAIR_SITE = Path(__file__).resolve().parent.parent / "deploy" / "nginx-redis-pair.conf"
+
+
+def test_a_rolling_restart_behind_nginx_with_the_pair_config_loses_no_reply(
+        tmp_path: Path, redis: RedisServer) -> None:
+    # issue 16: deploy/nginx-redis-pair.conf in front of A and B sharing Redis. 20
+    # EventSource clients (half of them land on A) are mid-reply when A gets SIGTERM; each
+    # client does what a browser does: when its connection ends without a final event it
+    # asks the same URL again with its Last-Event-ID, through nginx. Every client ends with
+    # the exact full text and one done; no upstream request is made twice.
+    clients = 20
+    reply = Scenario(rate=10, tokens=40)
+    with simulator_process(tmp_path) as mock:
+        ports = free_port(), free_port()
+        conf = tmp_path / "sseproxy.toml"
+        conf.write_text(
+            '[server]\nshutdown_grace_s = 30\nretry_ms = 200\n'
+            f'[upstream]\nbase_url = "{mock}/v1"\nmodel = "{reply.to_model()}"\n'
+            '[pacing]\nmode = "off"\n'
+            f'[store]\nbackend = "redis"\nredis_url = "{redis.url}"\n')
+        site = PAIR_SITE.read_text()
+        for old, new in (("listen 8080;", "listen 127.0.0.1:{port};"),
+                         ("server 127.0.0.1:8081 ", f"server 127.0.0.1:{ports[0]} "),
+                         ("server 127.0.0.1:8082 ", f"server 127.0.0.1:{ports[1]} ")):
+            assert site.count(old) == 1, f"deploy/nginx-redis-pair.conf has no {old!r}"
+            site = site.replace(old, new)
+        with process("serve", "--config", str(conf), "--port", str(ports[0]),
+                     url=f"http://127.0.0.1:{ports[0]}/healthz", log=tmp_path / "a.log") as a, \
+                process("serve", "--config", str(conf), "--port", str(ports[1]),
+                        url=f"http://127.0.0.1:{ports[1]}/healthz", log=tmp_path / "b.log"):
+            runs = asyncio.run(_through_nginx(site, clients, a))
+            code = a.wait(timeout=30)
+        stats = httpx.get(mock + "/mock/stats").json()
+    assert code == 0
+    whole = "".join(make_tokens(reply))
+    handed_on = 0
+    for connections in runs:
+        events = [e for got in connections for e in got.events]
+        assert [int(e.id.rsplit(".", 1)[1]) for e in events] == list(range(1, len(events) + 1))
+        text = "".join(json.loads(e.data)["content"] for e in events if e.event == "message")
+        assert text == whole
+        assert [e.event for e in events].count("done") == 1 and events[-1].event == "done"
+        handed_on += len(connections) > 1
+    assert handed_on > 0  # some clients were on A and reconnected
+    assert stats["requests"] == clients and stats["completed"] == clients
+
+
+async def _through_nginx(site: str, clients: int, a: Any) -> list[list[Received]]:
+    """Run the clients of the test above through nginx; send A its SIGTERM mid-reply."""
+    from test_nginx import nginx, workspace
+
+    async with workspace() as workdir:
+        async with nginx(workdir, lambda port: site.replace("{port}", str(port))) as proxy:
+            url = proxy.url + "/v1/chat/stream?prompt=hi"
+            started = [asyncio.Event() for _ in range(clients)]
+            sigterm = asyncio.Event()
+
+            async def connect(headers: dict[str, str], started: asyncio.Event) -> Received:
+                got, decoder = Received(), sse.Decoder()
+                async with httpx.AsyncClient(timeout=30) as c:
+                    async with c.stream("GET", url, headers=headers) as response:
+                        got.status = response.status_code
+                        try:
+                            async for chunk in response.aiter_raw():
+                                got.events += decoder.feed(chunk)
+                                if len(got.events) >= 3:
+                                    started.set()
+                        except httpx.RemoteProtocolError:
+                            pass  # cut by the instance that stops: a browser reconnects
+                return got
+
+            async def browser(i: int) -> list[Received]:
+                got = [await connect({}, started[i])]
+                while got[-1].events and got[-1].events[-1].event not in ("done", "error"):
+                    assert sigterm.is_set() and len(got) < 4, "a connection ended early"
+                    got.append(await connect({"Last-Event-ID": got[-1].events[-1].id},
+                                             started[i]))
+                return got
+
+            tasks = [asyncio.ensure_future(browser(i)) for i in range(clients)]
+            await asyncio.wait_for(asyncio.gather(*(e.wait() for e in started)), 30)
+            sigterm.set()
+            a.send_signal(signal.SIGTERM)
+            return await asyncio.wait_for(asyncio.gather(*tasks), 60)
