@@ -2,13 +2,15 @@
 
 :class:`RedisServer` runs Debian's ``redis-server`` with no persistence (``--save ""
 --appendonly no``) in a temporary directory; ``stop()`` ends it by its PID and ``start()``
-brings it back on the same port (a Redis outage and its end). ``redis_server()`` is the
+brings it back on the same port (a Redis outage and its end); ``pause()`` and ``resume()``
+freeze and thaw it (a Redis that hangs). ``redis_server()`` is the
 context manager the tests use.
 """
 
 from __future__ import annotations
 
 import shutil
+import signal
 import socket
 import subprocess
 import tempfile
@@ -76,7 +78,19 @@ class RedisServer:
                 proc.kill()
                 proc.wait()
 
+    def pause(self) -> None:
+        """Freeze redis-server (SIGSTOP): connections stay open, nothing answers, so every
+        call waits for its timeout (a Redis that hangs, not one that is down)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        """Let a paused redis-server run again (SIGCONT)."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+
     def close(self) -> None:
+        self.resume()  # a stopped process would not act on the SIGTERM
         self.stop()
         self.dir.cleanup()
 
