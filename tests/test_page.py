@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -51,6 +52,7 @@ class Seen:
     dialogs: list[str] = field(default_factory=list)
     errors: list[str] = field(default_factory=list)
     posts: list[Any] = field(default_factory=list)     # bodies of POST /v1/streams
+    deletes: list[str] = field(default_factory=list)   # paths of DELETE requests
 
 
 @contextmanager
@@ -69,6 +71,8 @@ def browser_page(**context: Any) -> Iterator[tuple[Any, Seen]]:
                     seen.foreign.append(request.url)
                 if request.method == "POST" and url.path == "/v1/streams":
                     seen.posts.append(json.loads(request.post_data or "null"))
+                if request.method == "DELETE":
+                    seen.deletes.append(url.path)
 
             def on_dialog(dialog: Any) -> None:
                 seen.dialogs.append(dialog.message)
@@ -127,19 +131,33 @@ def one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+# Counts the page's EventSources and whether it closed each one itself (on `done` it must,
+# or the browser would reconnect when the server ends the response).
+TRACK_EVENTSOURCES = """(() => {
+  const Native = window.EventSource;
+  const all = window.eventSources = [];
+  window.EventSource = class extends Native {
+    constructor(...args) { super(...args); this.closedByPage = false; all.push(this); }
+    close() { this.closedByPage = true; super.close(); }
+  };
+})();"""
+
+
 async def test_answer_grows_while_streaming_and_ends_exact_then_a_second_turn_sends_history(
     io_loop: Any, tmp_path: Path,
 ) -> None:
     scenario = Scenario(tokens=80, rate=20)
     expected = "".join(make_tokens(scenario))
     async with running(scenario) as r:
-        def drive() -> tuple[str, str, Seen]:
+        def drive() -> dict[str, Any]:
             with browser_page() as (page, seen):
+                page.add_init_script(TRACK_EVENTSOURCES)
                 page.goto(r.url + "/")
                 # A function, not an expression string: the CSP header forbids the eval
                 # that polling an expression needs.
                 page.wait_for_function(
                     "() => document.querySelectorAll('#persona option').length > 1")
+                page.select_option("#persona", "pirate")
                 send(page, "Hello")
                 # Each snapshot is taken in one evaluation with the check that the stream
                 # is still running, so it cannot be the finished answer.
@@ -150,19 +168,47 @@ async def test_answer_grows_while_streaming_and_ends_exact_then_a_second_turn_se
                 first = str(page.wait_for_function(snapshot, arg=0).json_value())
                 second = str(page.wait_for_function(snapshot, arg=len(first)).json_value())
                 wait_state(page, "done")
+                got: dict[str, Any] = {"first": first, "second": second}
+                got["closed"] = page.evaluate(
+                    "() => eventSources.map(e => [e.closedByPage, e.readyState])")
                 assert one_line(answer_text(page)) == one_line(expected)
                 assert history(page)[-1]["content"] == expected
-                assert "first token" in page.inner_text(f"{ANSWER} .meta")
+                got["meta"] = page.inner_text(f"{ANSWER} .meta")
                 screenshots(page, tmp_path, "chat")
-                page.keyboard.press("Shift+Enter")  # focus is on the prompt: a new line only
-                send(page, "And again")
+                # Shift+Enter starts a new line and sends nothing; Enter sends both lines.
+                page.fill("#prompt", "And")
+                page.press("#prompt", "Shift+Enter")
+                page.keyboard.type("again")
+                got["typed"] = page.input_value("#prompt")
+                got["posts_before_enter"] = len(seen.posts)
+                page.press("#prompt", "Enter")
                 wait_state(page, "done")
-                return first, second, seen
-        first, second, seen = await in_browser(drive)
+                # The conversation and the persona outlive a reload.
+                page.reload()
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#messages .msg').length === 4")
+                got["reloaded"] = page.evaluate(
+                    """() => [...document.querySelectorAll('#messages .msg')].map(m =>
+                      [m.classList.contains('user') ? 'user' : 'assistant',
+                       m.querySelector('.body').textContent.trim()])""")
+                got["persona"] = page.input_value("#persona")
+                got["posts"] = seen.posts
+                return got
+        got = await in_browser(drive)
+    first, second, posts = got["first"], got["second"], got["posts"]
     assert 0 < len(first) < len(second) < len(expected)
     assert expected.startswith(first) and expected.startswith(second)
-    assert [m["role"] for m in seen.posts[1]["messages"]] == ["user", "assistant", "user"]
-    assert seen.posts[1]["messages"][1]["content"] == expected
+    assert got["closed"] == [[True, 2]]  # closed by the page on `done`: no reconnect loop
+    assert re.search(r"first token \d+\.\d\d s · \d+ tokens/s · smooth: ", got["meta"]), got
+    assert got["typed"] == "And\nagain" and got["posts_before_enter"] == 1
+    assert [m["role"] for m in posts[1]["messages"]] == ["user", "assistant", "user"]
+    assert posts[1]["messages"][1]["content"] == expected
+    assert posts[1]["messages"][2]["content"] == "And\nagain"
+    assert posts[0]["persona"] == posts[1]["persona"] == "pirate"
+    assert [role for role, _text in got["reloaded"]] == ["user", "assistant"] * 2
+    assert one_line(got["reloaded"][1][1]) == one_line(expected)
+    assert got["reloaded"][2][1] == "And\nagain"
+    assert got["persona"] == "pirate"
     assert (tmp_path / "chat-phone.png").stat().st_size > 0
 
 
@@ -184,10 +230,10 @@ async def test_loading_model_shows_until_the_local_model_answers(io_loop: Any) -
     assert shown == "Loading model…"
 
 
-async def test_stop_cancels_the_upstream_request(io_loop: Any) -> None:
+async def test_stop_sends_delete_and_cancels_the_upstream_request(io_loop: Any) -> None:
     async with running(Scenario(tokens=400, rate=10)) as r:
-        def drive() -> dict[str, int]:
-            with browser_page() as (page, _seen):
+        def drive() -> tuple[dict[str, int], list[str], list[str]]:
+            with browser_page() as (page, seen):
                 page.goto(r.url + "/")
                 send(page, "Tell me everything")
                 page.wait_for_function(
@@ -195,34 +241,48 @@ async def test_stop_cancels_the_upstream_request(io_loop: Any) -> None:
                 page.click("#stop")
                 wait_state(page, "stopped")
                 assert page.is_visible("#send")
+                # The default store.orphan_grace_s (30 s) is far beyond this deadline: only
+                # the DELETE cancels the upstream request within it.
                 for _ in range(250):
                     stats = mock_stats(r.mock_url)
                     if stats["cancelled"] == 1:
-                        return stats
+                        return stats, seen.deletes, [m["role"] for m in history(page)]
                     page.wait_for_timeout(20)  # polling the simulator with a deadline
                 raise AssertionError(f"the upstream request was not cancelled: {stats}")
-        stats = await in_browser(drive)
+        stats, deletes, roles = await in_browser(drive)
     assert stats["open"] == 0 and stats["completed"] == 0
+    assert len(deletes) == 1 and deletes[0].startswith("/v1/streams/")
+    assert roles == ["user", "assistant"]  # the stopped answer's text is kept
 
 
-async def test_an_upstream_error_shows_its_message_and_a_retry_button(io_loop: Any) -> None:
+async def test_an_upstream_error_shows_its_message_and_retry_asks_again(io_loop: Any) -> None:
     scenario = Scenario(tokens=20, rate=50, error_at=5,
                         error_message="the model is on a coffee break")
     async with running(scenario) as r:
-        def drive() -> str:
-            with browser_page() as (page, _seen):
+        def drive() -> tuple[str, str, int, list[Any]]:
+            with browser_page() as (page, seen):
                 page.goto(r.url + "/")
                 send(page, "Hi")
                 wait_state(page, "error")
-                assert page.is_visible(f"{ANSWER} .retry")
-                return str(page.inner_text(f"{ANSWER} .state"))
-        state = await in_browser(drive)
+                state = str(page.inner_text(f"{ANSWER} .state"))
+                page.click(f"{ANSWER} .retry")
+                page.wait_for_function("() => document.querySelectorAll('.msg.assistant')"
+                                       ".length === 1 && document.querySelector("
+                                       "'.msg.assistant').dataset.state === 'error'")
+                answers = int(page.evaluate(
+                    "() => document.querySelectorAll('.msg.assistant').length"))
+                return state, str(page.inner_text("#status")), answers, seen.posts
+        state, status, answers, posts = await in_browser(drive)
     assert "the model is on a coffee break" in state
+    assert "the model is on a coffee break" in status  # read out by screen readers too
+    # Retry replaced the failed answer with a new request for the same conversation.
+    assert answers == 1 and len(posts) == 2 and posts[0] == posts[1]
 
 
 HOSTILE = ("Look <img src=x onerror=alert(1)> and <script>alert(2)</script> and "
            "[click](javascript:alert(3)) and <a href=\"javascript:alert(4)\">here</a> "
-           "and [docs](https://example.com/docs) end")
+           "and ![a chart](https://example.com/chart.png) and [docs](https://example.com/docs) "
+           "end")
 
 
 async def test_a_hostile_answer_is_shown_inert(io_loop: Any) -> None:
@@ -248,6 +308,8 @@ async def test_a_hostile_answer_is_shown_inert(io_loop: Any) -> None:
     assert got["imgs"] == 0 and got["scripts"] == 0 and got["handlers"] == []
     assert got["hrefs"] == [["https://example.com/docs", "noopener noreferrer", "_blank"]]
     assert "<img src=x onerror=alert(1)>" in got["text"]  # shown as text, not run
+    # A markdown image becomes its alt text: no request for it leaves 127.0.0.1.
+    assert "[image: a chart]" in got["text"]
 
 
 class CuttableProxy:
