@@ -25,6 +25,7 @@ import pytest
 from servers import running
 
 from sseproxy import localmodel
+from sseproxy.config import Persona
 from sseproxy.mockupstream import Scenario, make_tokens
 
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -310,6 +311,99 @@ async def test_a_hostile_answer_is_shown_inert(io_loop: Any) -> None:
     assert "<img src=x onerror=alert(1)>" in got["text"]  # shown as text, not run
     # A markdown image becomes its alt text: no request for it leaves 127.0.0.1.
     assert "[image: a chart]" in got["text"]
+
+
+MARKDOWN = ("Intro with **bold**, *emphasis* and [a link](https://example.com/a).\n\n"
+            "Steps:\n- apples\n- pears\n\n"
+            "```python\nx = 1\ny = 2\n```\n\n"
+            "1. first\n2. second\n")
+
+
+def echo_of(text: str, **knobs: Any) -> Scenario:
+    """The simulator echoing ``text`` once, exactly."""
+    words = make_tokens(Scenario(text="echo", tokens=1000), text)
+    count = next(i for i in range(len(words)) if "".join(words[:i]) == text)
+    return Scenario(text="echo", tokens=count, **knobs)
+
+
+ECHO = echo_of(MARKDOWN, rate=100)
+
+
+def stalled_after(prefix: str) -> Persona:
+    """A persona whose simulated model echoes MARKDOWN and stalls (a minute) after
+    ``prefix``, so the page can be looked at mid-answer."""
+    tokens = make_tokens(ECHO, MARKDOWN)
+    cut = next(i for i in range(len(tokens)) if "".join(tokens[:i]) == prefix)
+    stalled = echo_of(MARKDOWN, rate=100, stall_at=cut, stall_s=60)
+    return Persona(system="Echo.", title=f"stalls after {prefix[-8:]!r}",
+                   model=stalled.to_model())
+
+
+BEFORE_FENCE_CLOSES = MARKDOWN[:MARKDOWN.index("y = 2")]     # ends "```python\nx = 1\n"
+BEFORE_LIST_ITEM = MARKDOWN[:MARKDOWN.index("apples")]       # ends "Steps:\n- "
+
+# The rendered structure of an answer, and the font of its code.
+STRUCTURE = """() => {
+  const b = document.querySelector('.msg.assistant:last-child .body');
+  const code = b.querySelector('pre code');
+  return { html: [...b.querySelectorAll('*')].filter(e => e.tagName !== 'BUTTON')
+             .map(e => e.tagName.toLowerCase()),
+           text: b.textContent,
+           code: code && code.textContent,
+           font: code && getComputedStyle(code).fontFamily,
+           items: [...b.querySelectorAll('li')].map(li => li.textContent.trim()),
+           links: [...b.querySelectorAll('a')].map(a => a.getAttribute('href')) }; }"""
+
+
+def structure_mid_answer(page: Any, prefix: str) -> dict[str, Any]:
+    """The answer's structure once the page has drawn exactly ``prefix`` (the stream is
+    stalled there), and then Stop."""
+    page.wait_for_function(
+        "p => { const a = document.querySelector('.msg.assistant:last-child');"
+        " return a && a.dataset.state === 'streaming' && a.dataset.raw === p }", arg=prefix)
+    # the text is drawn in the next animation frame: wait two
+    page.evaluate("() => new Promise(r => requestAnimationFrame(() => requestAnimationFrame(r)))")
+    got = dict(page.evaluate(STRUCTURE))
+    page.click("#stop")
+    wait_state(page, "stopped")
+    return got
+
+
+async def test_markdown_renders_when_done_and_sensibly_mid_stream(io_loop: Any) -> None:
+    personas = {"fence": stalled_after(BEFORE_FENCE_CLOSES),
+                "list": stalled_after(BEFORE_LIST_ITEM)}
+    async with running(ECHO, personas=personas) as r:
+        def drive() -> dict[str, Any]:
+            with browser_page() as (page, _seen):
+                page.goto(r.url + "/")
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#persona option').length === 3")
+                send(page, MARKDOWN)
+                wait_state(page, "done")
+                got = {"done": page.evaluate(STRUCTURE)}
+                page.select_option("#persona", "fence")
+                send(page, MARKDOWN)
+                got["fence"] = structure_mid_answer(page, BEFORE_FENCE_CLOSES)
+                page.select_option("#persona", "list")
+                send(page, MARKDOWN)
+                got["list"] = structure_mid_answer(page, BEFORE_LIST_ITEM)
+                return got
+        got = await in_browser(drive)
+    done = got["done"]
+    assert done["html"] == ["p", "strong", "em", "a", "p", "ul", "li", "li", "pre", "code",
+                            "ol", "li", "li"], done
+    assert done["items"] == ["apples", "pears", "first", "second"]
+    assert done["code"] == "x = 1\ny = 2\n" and "monospace" in done["font"]
+    assert done["links"] == ["https://example.com/a"]
+    assert "**" not in done["text"] and "```" not in done["text"]
+    # An unclosed fence is a code block already, holding what has come so far.
+    fence = got["fence"]
+    assert fence["html"] == ["p", "strong", "em", "a", "p", "ul", "li", "li", "pre", "code"]
+    assert fence["code"] == "x = 1\n" and "```" not in fence["text"]
+    # A list that has just begun under a paragraph: no heading, no empty bullet (a bare
+    # "Steps:\n-" is a setext heading in markdown).
+    assert got["list"]["html"] == ["p", "strong", "em", "a", "p"], got["list"]
+    assert got["list"]["text"].rstrip().endswith("Steps:")
 
 
 class CuttableProxy:
