@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import re
+import shutil
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
@@ -23,6 +24,8 @@ from urllib.parse import quote, urlsplit
 import httpx
 import pytest
 from servers import running
+from structlog.testing import capture_logs
+from test_nginx import behind_nginx
 
 from sseproxy import localmodel
 from sseproxy.config import Persona
@@ -36,6 +39,7 @@ ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
 DESKTOP = {"width": 1280, "height": 800}
 PHONE = {"width": 390, "height": 844}
 AXE = Path(__file__).parent / "vendor" / "axe.min.js"
+STATIC = Path(__file__).resolve().parent.parent / "static"
 WAIT_MS = 20_000
 ANSWER = ".msg.assistant:last-child"
 
@@ -404,6 +408,66 @@ async def test_markdown_renders_when_done_and_sensibly_mid_stream(io_loop: Any) 
     # "Steps:\n-" is a setext heading in markdown).
     assert got["list"]["html"] == ["p", "strong", "em", "a", "p"], got["list"]
     assert got["list"]["text"].rstrip().endswith("Steps:")
+
+
+async def test_copy_buttons_copy_the_answer_and_the_code_and_new_chat_starts_afresh(
+    io_loop: Any,
+) -> None:
+    async with running(ECHO) as r:
+        def drive() -> dict[str, Any]:
+            clipboard = ["clipboard-read", "clipboard-write"]
+            with browser_page(permissions=clipboard) as (page, seen):
+                page.goto(r.url + "/")
+                send(page, MARKDOWN)
+                wait_state(page, "done")
+                read = "() => navigator.clipboard.readText()"
+                page.click(f"{ANSWER} pre .copy-code")
+                got = {"code": page.evaluate(read)}
+                page.click(f"{ANSWER} .foot .copy")
+                got["answer"] = page.evaluate(read)
+                page.click("#new-chat")
+                got["after_new_chat"] = [
+                    page.evaluate("() => document.querySelectorAll('#messages li').length"),
+                    history(page), page.is_visible("#empty"),
+                    page.evaluate("() => document.activeElement.id")]
+                send(page, "Again")
+                wait_state(page, "done")
+                got["posts"] = seen.posts
+                return got
+        got = await in_browser(drive)
+    assert got["code"] == "x = 1\ny = 2\n"
+    assert got["answer"] == MARKDOWN.strip()  # the answer's markdown, as written
+    assert got["after_new_chat"] == [0, [], True, "prompt"]
+    assert [m["content"] for m in got["posts"][1]["messages"]] == ["Again"]
+
+
+async def test_the_page_served_by_nginx_loads_and_chats_through_it(io_loop: Any) -> None:
+    # deploy/nginx.conf serves the page and its files itself, with its own CSP header, and
+    # relays the API and the EventSource to sseproxy.
+    scenario = Scenario(tokens=40, rate=50)
+    expected = "".join(make_tokens(scenario))
+    async with behind_nginx(scenario) as (r, ngx):
+        shutil.copytree(STATIC, ngx.workdir / "static", dirs_exist_ok=True)
+        with capture_logs() as logs:
+            def drive() -> tuple[str, dict[str, str]]:
+                with browser_page() as (page, _seen):
+                    types: dict[str, str] = {}
+                    page.on("response", lambda res: types.setdefault(
+                        urlsplit(res.url).path, res.headers.get("content-type", "")))
+                    page.goto(ngx.url + "/")
+                    page.wait_for_function(
+                        "() => document.querySelectorAll('#persona option').length > 1")
+                    send(page, "Hello")
+                    wait_state(page, "done")
+                    return answer_text(page), types
+            text, types = await in_browser(drive)
+    assert one_line(text) == one_line(expected)
+    assert types["/static/app.js"].startswith("application/javascript")
+    assert types["/static/vendor/marked.umd.js"].startswith("application/javascript")
+    assert types["/static/app.css"].startswith("text/css")
+    paths = {log["path"] for log in logs if log["event"] == "request"}
+    assert "/v1/streams" in paths and "/v1/personas" in paths  # relayed to sseproxy
+    assert not {p for p in paths if p == "/" or p.startswith("/static/")}  # nginx's own
 
 
 class CuttableProxy:
