@@ -573,25 +573,56 @@ def axe_violations(page: Any) -> list[dict[str, Any]]:
             for v in result["violations"] if v["impact"] in ("serious", "critical")]
 
 
+LAYOUT = """() => ({ overflow: document.documentElement.scrollWidth - innerWidth,
+  background: getComputedStyle(document.body).backgroundColor })"""
+
+
+def tab_order(page: Any, presses: int) -> list[str]:
+    """What Tab focuses, from the top of the page: ids, or the text of links without one."""
+    page.evaluate("() => document.activeElement.blur()")
+    order = []
+    for _ in range(presses):
+        page.keyboard.press("Tab")
+        order.append(str(page.evaluate(
+            "() => document.activeElement.id || document.activeElement.textContent.trim()")))
+    return order
+
+
 @pytest.mark.parametrize("scheme", ["light", "dark"])
 async def test_accessibility_has_no_serious_or_critical_violations(
     io_loop: Any, scheme: str,
 ) -> None:
+    # Also: the colours follow prefers-color-scheme, nothing scrolls sideways at phone
+    # width, and Tab reaches every control in reading order.
     scenario = Scenario(tokens=30, rate=100)
     async with running(scenario) as r:
         def drive() -> dict[str, Any]:
             # axe is injected as an inline script, which the page's CSP would refuse.
             with browser_page(bypass_csp=True, color_scheme=scheme) as (page, _seen):
                 page.goto(r.url + "/")
+                page.wait_for_function(
+                    "() => document.querySelectorAll('#persona option').length > 1")
+                found: dict[str, Any] = {"tabs": tab_order(page, 6)}
                 send(page, "Hi")
                 wait_state(page, "done")
-                found = {"chat": axe_violations(page)}
+                found["chat"] = axe_violations(page)
+                page.set_viewport_size(PHONE)
+                found["phone"] = page.evaluate(LAYOUT)
+                found["phone_axe"] = axe_violations(page)
+                page.set_viewport_size(DESKTOP)
                 page.goto(r.url + "/?compare&model=" + quote(scenario.to_model()))
                 send(page, "Hi")
                 page.wait_for_function(
                     "[...document.querySelectorAll('.pane')]"
                     ".every(p => p.dataset.state === 'done')")
                 found["compare"] = axe_violations(page)
+                page.set_viewport_size(PHONE)
+                found["compare_phone"] = page.evaluate(LAYOUT)
                 return found
         found = await in_browser(drive)
-    assert found == {"chat": [], "compare": []}
+    assert found["tabs"] == ["Skip to the prompt", "sseproxy", "persona", "new-chat",
+                             "view-link", "prompt"]
+    assert found["chat"] == found["phone_axe"] == found["compare"] == []
+    background = "rgb(255, 255, 255)" if scheme == "light" else "rgb(22, 24, 28)"
+    for layout in (found["phone"], found["compare_phone"]):
+        assert layout == {"overflow": 0, "background": background}
