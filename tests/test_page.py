@@ -546,7 +546,11 @@ async def test_comparison_view_shows_the_burst_unpaced_and_smoothed_paced(
 ) -> None:
     scenario = Scenario(tokens=150, rate=100, burst=600)
     expected = "".join(make_tokens(scenario))
-    async with running(pacing__mode="smooth") as r:
+    # Unpaced, 600 characters come in one write: more than the page's 512 within 50 ms.
+    # Paced over 2 s (and drained over 2 s at the end) they come at ~15 characters per
+    # 50 ms, so even a browser that stalls a second on a loaded machine sees no burst.
+    async with running(pacing__mode="smooth", pacing__target_lag_s=2.0,
+                       pacing__max_lag_s=4.0, pacing__drain_s=2.0) as r:
         def drive() -> dict[str, str]:
             with browser_page() as (page, _seen):
                 page.goto(r.url + "/?compare&model=" + quote(scenario.to_model()))
