@@ -44,7 +44,13 @@
     ALLOWED_ATTR: ['href', 'title', 'start', 'class', 'align'],
   };
 
-  function renderMarkdown(el, text) {
+  // While an answer streams, a last line that is only a list marker or a run of - = * _
+  // is held back until more text comes: under a paragraph it would turn that paragraph
+  // into a heading for a moment ("Steps:\n-" is a setext heading), or show an empty bullet.
+  const UNFINISHED_LINE = /\n[ \t]{0,3}(?:[-+*=_]+|\d{1,9}[.)])[ \t]*$/;
+
+  function renderMarkdown(el, text, streaming = false) {
+    if (streaming) text = text.replace(UNFINISHED_LINE, '\n');
     el.innerHTML = purify.sanitize(window.marked.parse(text), PURIFY);
     for (const pre of el.querySelectorAll('pre')) {
       const button = document.createElement('button');
@@ -316,10 +322,10 @@
       const stateText = $('.state', li);
       let pending = false;
       let raw = '';
-      const draw = () => {
+      const draw = (streaming) => {
         pending = false;
         const wasNear = nearBottom();
-        renderMarkdown(body, raw);
+        renderMarkdown(body, raw, streaming);
         follow(wasNear);
       };
       const messages = history.map(({ role, content }) => ({ role, content }));
@@ -329,7 +335,7 @@
         text(text) {
           raw = text;
           li.dataset.raw = text;
-          if (!pending) { pending = true; requestAnimationFrame(draw); }
+          if (!pending) { pending = true; requestAnimationFrame(() => draw(!run.ended)); }
         },
         state(name) {
           li.dataset.state = name;
@@ -338,7 +344,7 @@
         end(kind, figures, detail) {
           busy(null);
           raw = run.text;
-          draw();
+          draw(false);
           li.dataset.state = kind;
           const meta = describe(figures);
           $('.meta', li).textContent = meta;
@@ -429,7 +435,7 @@
             pending = true;
             requestAnimationFrame(() => {
               pending = false;
-              renderMarkdown(body, run.text);
+              if (!run.ended) renderMarkdown(body, run.text, true);
               body.scrollTop = body.scrollHeight;
             });
           },
