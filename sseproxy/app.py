@@ -58,9 +58,15 @@ def access_log(handler: tornado.web.RequestHandler, logger: str = "tornado.acces
     )
 
 
+#: The largest body gzipped (``server.compress_response``): compressing it is one step.
+GZIP_MAX_BYTES = 65536
+
+
 class StreamSafeGZip(tornado.web.GZipContentEncoding):
     """Tornado's gzip for ordinary responses, never for an event stream: gzip would hold
-    frames back until its buffer fills (``server.compress_response``)."""
+    frames back until its buffer fills (``server.compress_response``). A body over
+    :data:`GZIP_MAX_BYTES` (a long ``stream: false`` reply) goes uncompressed too: it is
+    compressed in one synchronous call, which held the event loop about 40 ms per MiB."""
 
     _event_stream = False
 
@@ -71,6 +77,8 @@ class StreamSafeGZip(tornado.web.GZipContentEncoding):
         if headers.get("Content-Type", "").startswith("text/event-stream"):
             self._event_stream = True
             return status_code, headers, chunk
+        if len(chunk) > GZIP_MAX_BYTES:
+            self._gzipping = False
         return super().transform_first_chunk(status_code, headers, chunk, finishing)
 
     def transform_chunk(self, chunk: bytes, finishing: bool) -> bytes:

@@ -18,6 +18,7 @@ A format only builds bytes; it never writes or waits.
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Callable, Mapping
 from typing import Any, Protocol
@@ -37,6 +38,44 @@ _json_string: Callable[[str], str] = json.encoder.encode_basestring
 def dumps(obj: Any) -> str:
     """Compact JSON that keeps non-ASCII text as it is (smaller frames for CJK and emoji)."""
     return json.dumps(obj, ensure_ascii=False, separators=(",", ":"))
+
+
+#: Characters of one long string that :func:`dumps_in_slices` encodes per step.
+JSON_SLICE = 65536
+
+
+async def dumps_in_slices(obj: Any) -> bytes:
+    """``dumps(obj).encode()`` for a body that may hold megabytes of text (a collected
+    ``stream: false`` reply): a string longer than :data:`JSON_SLICE` characters is encoded
+    one slice at a time, with the event loop let run between two slices, so no step holds
+    the loop for more than a slice's work whatever the reply's size."""
+    out: list[bytes] = []
+    await _encode_into(obj, out)
+    return b"".join(out)
+
+
+async def _encode_into(obj: Any, out: list[bytes]) -> None:
+    if isinstance(obj, str) and len(obj) > JSON_SLICE:
+        out.append(b'"')
+        for start in range(0, len(obj), JSON_SLICE):
+            out.append(_json_string(obj[start:start + JSON_SLICE])[1:-1].encode())
+            await asyncio.sleep(0)
+        out.append(b'"')
+    elif isinstance(obj, dict):
+        out.append(b"{")
+        for n, (key, value) in enumerate(obj.items()):
+            out.append(b"%s%s:" % (b"," if n else b"", dumps(key).encode()))
+            await _encode_into(value, out)
+        out.append(b"}")
+    elif isinstance(obj, (list, tuple)):
+        out.append(b"[")
+        for n, value in enumerate(obj):
+            if n:
+                out.append(b",")
+            await _encode_into(value, out)
+        out.append(b"]")
+    else:
+        out.append(dumps(obj).encode())
 
 
 class Frames(Protocol):

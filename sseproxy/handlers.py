@@ -28,7 +28,7 @@ from tornado.iostream import IOStream, StreamClosedError
 
 from . import __version__, access, errors, models, sse, validate
 from .config import Settings
-from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, error_object
+from .frames import EventSourceFrames, Frames, OpenAIFrames, dumps, dumps_in_slices, error_object
 from .generation import Generation
 from .limiter import Limiter, Permit
 from .limits import ANONYMOUS
@@ -343,6 +343,10 @@ class StreamingHandler(BaseHandler):
             return exc
         return None
 
+    def client_left(self) -> bool:
+        """Whether the client's connection closed (read afresh after an ``await``)."""
+        return self._left
+
     def finish_quietly(self) -> None:
         if not self._finished:
             try:
@@ -529,7 +533,7 @@ class ChatCompletionsHandler(StreamingHandler):
             assert record.error is not None
             self.send_error_object(record.error)
             return
-        body = dumps({
+        body = await dumps_in_slices({
             "id": completion_id,
             "object": "chat.completion",
             "created": created,
@@ -540,7 +544,9 @@ class ChatCompletionsHandler(StreamingHandler):
                 "finish_reason": record.finish_reason,
             }],
             "usage": dict(record.usage) if record.usage else None,
-        }).encode()
+        })
+        if self.client_left():  # it went while the body was being encoded
+            return
         record.sent(1, len(body))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(body)

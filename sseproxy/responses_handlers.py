@@ -30,7 +30,7 @@ from typing import Any
 import structlog
 
 from . import errors, validate
-from .frames import dumps
+from .frames import dumps, dumps_in_slices
 from .generation import Generation
 from .handlers import BaseHandler, ChatCompletionsHandler, StreamingHandler, new_stream_id
 from .record import Outcome, StreamRecord
@@ -185,7 +185,9 @@ class ResponsesHandler(ChatCompletionsHandler):
             assert record.error is not None
             self.send_error_object(record.error)
             return
-        body = dumps(snapshot(events)).encode()
+        body = await dumps_in_slices(snapshot(events))
+        if self.client_left():  # it went while the body was being encoded
+            return
         record.sent(1, len(body))
         self.set_header("Content-Type", "application/json; charset=utf-8")
         self.finish(body)
@@ -203,7 +205,7 @@ class ResponseHandler(StreamingHandler):
             return
         structlog.contextvars.bind_contextvars(stream_id=response_id)
         if self.get_query_argument("stream", "false").lower() not in ("true", "1"):
-            self._send(snapshot(await read_present(log_)))
+            await self._send(snapshot(await read_present(log_)))
             return
         try:
             after = int(self.get_query_argument("starting_after", "-1"))
@@ -232,9 +234,10 @@ class ResponseHandler(StreamingHandler):
         frames = ResponsesFrames(after, obfuscate=obfuscate)
         await self.follow(log_, 0, frames, record)
 
-    def _send(self, obj: dict[str, Any]) -> None:
+    async def _send(self, obj: dict[str, Any]) -> None:
+        body = await dumps_in_slices(obj)
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(obj))
+        self.finish(body)
 
 
 class CancelResponseHandler(BaseHandler):
@@ -255,8 +258,9 @@ class CancelResponseHandler(BaseHandler):
             except errors.StoreUnavailable as exc:
                 self.send_error_object(exc)
                 return
+        body = await dumps_in_slices(snapshot(await read_present(log_)))
         self.set_header("Content-Type", "application/json; charset=utf-8")
-        self.finish(dumps(snapshot(await read_present(log_))))
+        self.finish(body)
 
 
 def routes(route: dict[str, Any]) -> list[Any]:

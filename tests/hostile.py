@@ -5,7 +5,7 @@ port, and answers every ``POST …/chat/completions`` with the behaviour the req
 the path segment after ``/b/`` (``{url}/b/early-413/v1`` as ``upstream.base_url``), else
 the request's ``model``. The behaviours are what an adversary or a broken server sends
 (issue 13): gzip bombs, floods of blank lines, a line that never ends, a trickle of one
-byte per tick, an endless reply, malformed heads, odd ``Retry-After`` values, and a 413
+byte per tick, an endless reply, a long one, malformed heads, odd ``Retry-After`` values, and a 413
 sent before the request body was read. ``GET /stats`` answers how many replies of each
 behaviour were started and how many the client cut off before their end.
 
@@ -23,6 +23,8 @@ import contextlib
 import email.utils
 import json
 import os
+import random
+import string
 import subprocess
 import sys
 import time
@@ -186,6 +188,29 @@ async def _endless_line(c: Conn) -> None:
     piece = chunk(b"z" * 65536)
     for _ in range(4096):
         await c.send(piece)
+
+
+def long_text(size: int = 16 << 20) -> str:
+    """``size`` characters of words that compress as prose does (the same on every call)."""
+    rng = random.Random(13)
+    words = ["".join(rng.choices(string.ascii_lowercase, k=rng.randint(1, 9)))
+             for _ in range(5000)]
+    return " ".join(rng.choices(words, k=size // 5))[:size]
+
+
+@behaviour("long-reply")
+async def _long_reply(c: Conn) -> None:
+    """:func:`long_text` (16 MiB) in deltas of 16 KiB as fast as they are read, then the end:
+    a long but well-formed reply."""
+    if c.name not in _BOMBS:
+        text = await asyncio.to_thread(long_text)
+        _BOMBS[c.name] = b"".join(chunk(token(text[i:i + 16384]))
+                                  for i in range(0, len(text), 16384))
+    await c.send(head() + chunk(ROLE))
+    body = _BOMBS[c.name]
+    for i in range(0, len(body), 1 << 20):
+        await c.send(body[i:i + (1 << 20)])
+    await c.send(chunk(STOP) + b"0\r\n\r\n")
 
 
 def _retry_after(value: bytes) -> Behaviour:

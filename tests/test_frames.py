@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from typing import Any
 
-from sseproxy import errors
+import pytest
+
+from sseproxy import errors, frames
 from sseproxy.frames import EventSourceFrames, OpenAIFrames
 from sseproxy.upstream import Delta
 
@@ -66,3 +70,33 @@ def test_openai_error_frame_is_the_openai_error_object() -> None:
     assert json.loads(frame[6:]) == {"error": {"type": "upstream_error", "code": "overloaded",
                                                "message": "busy"}}
     assert b"[DONE]" not in frame
+
+
+# --- long bodies (issue 13: no step holds the event loop long, whatever the reply's size) ---
+
+
+@pytest.mark.parametrize("obj, slices", [
+    ({"id": "c", "n": 1, "x": None, "ok": True, "f": 1.5, "list": [1, "a", {"b": []}]}, 0),
+    # two strings of 200,000 and 210,000 characters: 4 slices of 65,536 each
+    ({"content": "x" * 200_000, "more": ["\u4f60\u597d\"\\\n\x00" * 30_000, "short"]}, 8),
+])
+async def test_dumps_in_slices_is_dumps_and_lets_the_loop_run_between_slices(
+    obj: dict[str, Any], slices: int,
+) -> None:
+    ran = 0
+
+    async def neighbour() -> None:
+        nonlocal ran
+        while True:
+            ran += 1
+            await asyncio.sleep(0)
+
+    other = asyncio.create_task(neighbour())
+    await asyncio.sleep(0)
+    before = ran
+    try:
+        body = await frames.dumps_in_slices(obj)
+    finally:
+        other.cancel()
+    assert body == frames.dumps(obj).encode()
+    assert ran - before >= slices - 1  # the neighbour ran between every two slices

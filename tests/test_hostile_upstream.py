@@ -19,10 +19,11 @@ import httpx
 import openai
 from openai.types.chat import ChatCompletionMessageParam
 import pytest
-from hostile import Hostile, hostile
+from hostile import Hostile, hostile, long_text
 from servers import running, stream
 
 from sseproxy import upstream
+from sseproxy.looplag import LoopLagMonitor
 
 # The relay suites run on both upstream transports (issue 18; see conftest.py).
 pytestmark = pytest.mark.usefixtures("upstream_transport")
@@ -226,6 +227,32 @@ async def test_an_endless_non_streaming_reply_is_cut_at_max_reply_bytes(
     assert failed.value.code == "upstream_reply_too_large"
     assert bad.stats()["endless.ended"] == before["endless.ended"]
     assert growth[0] < 96 << 20  # limits.max_reply_bytes is 8 MiB
+
+
+async def test_a_long_non_streaming_reply_is_answered_without_holding_the_event_loop(
+    io_loop: Any, bad: Hostile,
+) -> None:
+    # A 16 MiB reply was encoded as JSON, then gzipped, each in one synchronous call: the
+    # loop (every stream and /healthz of the process) was held for most of a second.
+    lags: list[float] = []
+    async with running(upstream_url=bad.base_url("long-reply"),
+                       limits__max_reply_bytes=24 << 20) as r:
+        monitor = LoopLagMonitor(lags.append, interval=0.01)  # on sseproxy's own loop
+        monitor.start()
+        try:
+            async with httpx.AsyncClient(timeout=60) as client:
+                async with client.stream("POST", r.url + "/v1/chat/completions", json={
+                        "model": "any", "messages": CHAT, "stream": False},
+                        headers={"Accept-Encoding": "gzip"}) as resp:
+                    # raw: decoding 16 MiB here would hold the same loop
+                    raw = [part async for part in resp.aiter_raw()]
+        finally:
+            monitor.stop()
+    assert resp.status_code == 200
+    assert len(lags) > 10 and max(lags) < 0.25, sorted(lags)[-5:]
+    assert "content-encoding" not in resp.headers  # over 64 KiB: not compressed
+    reply = json.loads(b"".join(raw))
+    assert reply["choices"][0]["message"]["content"] == long_text()
 
 
 # --- 5. huge events ------------------------------------------------------------------------
