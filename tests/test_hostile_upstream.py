@@ -249,7 +249,8 @@ async def test_a_long_non_streaming_reply_is_answered_without_holding_the_event_
         finally:
             monitor.stop()
     assert resp.status_code == 200
-    assert len(lags) > 10 and max(lags) < 0.25, sorted(lags)[-5:]
+    # unfixed: 1.2-1.5 s on an idle machine; fixed: under 0.2 s with both cores kept busy
+    assert len(lags) > 10 and max(lags) < 0.6, sorted(lags)[-5:]
     assert "content-encoding" not in resp.headers  # over 64 KiB: not compressed
     reply = json.loads(b"".join(raw))
     assert reply["choices"][0]["message"]["content"] == long_text()
