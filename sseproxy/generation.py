@@ -5,7 +5,8 @@ arrives in the upstream's byte callback (:meth:`Generation._on_delta`); with pac
 is appended to the log at once, otherwise the pacer decides when each piece leaves and one
 timer per stream releases the queued pieces at their due time. When the upstream ends, what
 the pacer still holds is drained within ``pacing.drain_s`` and the log ends with exactly
-one ``done`` or ``error`` event.
+one ``done`` or ``error`` event; ``done`` also tells what pacing did (its ``pacing`` field:
+the characters a burst had spread, the longest added lag).
 
 A ``/v1/responses`` stream whose upstream speaks the Responses API (:attr:`Generation.relay`)
 also gets the upstream's own events into its log (a delta's ``event``). Such an event must
@@ -395,17 +396,26 @@ class Generation:
         self.log.release()  # (a read that broke off half-way told nobody yet)
         if self.log.ended:
             return
+        self.record.smoothed_chars = self._pacer.smoothed_chars
         if error is None:
             self.record.finish_reason = self._finish or "stop"
             self.record.usage = self._usage
             self.record.finished(Outcome.COMPLETED)
-            data = dumps({"finish_reason": self._finish or "stop", "usage": self._usage})
+            data = dumps({"finish_reason": self._finish or "stop", "usage": self._usage,
+                          "pacing": self._pacing_report()})
             kind = DONE
         else:
             self.record.finished(outcome_of(error), error)
             data = dumps(error_object(error))
             kind = ERROR
         self.log.append(kind, data)  # a final event is never refused (see EventLog.append)
+
+    def _pacing_report(self) -> dict[str, Any]:
+        """What pacing did to this stream, for its ``done`` event (an addition to the
+        format: only the page reads it; the OpenAI and Responses frames leave it out)."""
+        return {"mode": self.settings.pacing.mode,
+                "smoothed_chars": self._pacer.smoothed_chars,
+                "max_lag_s": round(max(self.record.lags, default=0.0), 3)}
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -35,6 +35,10 @@ Rules (``T`` is ``target_lag_s``; one *tick* is ``1 / max_events_per_s``):
 - **Exact text.** Nothing is dropped, reordered or rewritten: the pieces' texts
   concatenate to exactly the pushed texts.
 - ``mode = "off"``: every delta is one piece, due at its arrival.
+- **Smoothed.** :attr:`Pacer.smoothed_chars` counts the characters spread over ``T``
+  because they came as a burst (beyond the threshold's immediate part); a stream that
+  never bursts, ``T = 0`` and ``mode = "off"`` count 0. The stream's ``done`` event
+  reports it, so a client can tell a burst the upstream sent from one it received.
 
 Units (``unit``): ``token`` keeps the deltas as the upstream cut them (an oversized
 delta stays one unit, so only merging and the rate limit apply); ``word`` is a word with
@@ -407,7 +411,7 @@ class Pacer:
         "_hold_cap", "_ready", "_buf", "_buf_start", "_chunks", "_head",
         "_end", "_groups", "_last_event", "_tat", "_last_arrival", "_sent_cluster",
         "_tail", "_ri_run", "_open", "_owed", "_window", "_batches", "_sum_e", "_sum_ea",
-        "_base", "_finished_at", "_due", "_due_stale",
+        "_base", "_finished_at", "_due", "_due_stale", "_smoothed",
     )
 
     def __init__(self, settings: PacingSettings) -> None:
@@ -452,6 +456,7 @@ class Pacer:
         #: _queue_due() cached until the queue, the plan or the clock of events changes.
         self._due: float | None = None
         self._due_stale = True
+        self._smoothed = 0  # characters spread over target_lag_s (see smoothed_chars)
 
     # -- public API ---------------------------------------------------------------------
 
@@ -459,6 +464,11 @@ class Pacer:
     def pending(self) -> bool:
         """Text is queued or due and not yet pulled."""
         return bool(self._ready) or self._head < self._end
+
+    @property
+    def smoothed_chars(self) -> int:
+        """Characters spread over ``target_lag_s`` so far because they came as a burst."""
+        return self._smoothed
 
     def push(self, text: str, now: float) -> None:
         """A delta arrived from the upstream at ``now``."""
@@ -657,6 +667,7 @@ class Pacer:
             batches.append((rel, excess))
         self._sum_e += excess
         self._sum_ea += excess * rel
+        self._smoothed += excess
 
     # -- the plan -----------------------------------------------------------------------
 
@@ -847,6 +858,7 @@ class Unpaced:
     __slots__ = ()
 
     pending = False
+    smoothed_chars = 0
 
     def push(self, text: str, now: float) -> None:
         raise RuntimeError("pacing is off: text is not pushed")

@@ -118,6 +118,7 @@ class StreamRecord:
         "heartbeats",
         "max_gap_s",
         "lags",
+        "smoothed_chars",
         "stalls",
         "subscribers",
         "resumes",
@@ -151,6 +152,8 @@ class StreamRecord:
         self.heartbeats = 0
         self.max_gap_s = 0.0
         self.lags: list[float] = []
+        #: Characters the pacer spread over target_lag_s because they came as a burst.
+        self.smoothed_chars = 0
         self.stalls = 0
         self.subscribers = 0
         self.resumes = 0
@@ -286,6 +289,7 @@ class StreamRecord:
             stalls=self.stalls,
             max_gap_s=round(self.max_gap_s, 4),
             pacing_lag_p99_s=None if p99 is None else round(p99, 4),
+            pacing_smoothed_chars=self.smoothed_chars,
             subscribers=self.subscribers,
             resumes=self.resumes,
             upstream_status=self.upstream_status,

@@ -159,9 +159,12 @@
       return true;
     }
 
-    figures(usage) {
+    /** detail: the done event's data (usage, and what the server's pacing did). */
+    figures(detail) {
+      const usage = detail && detail.usage;
       const f = { ttft: this.tFirst === undefined ? null : this.tFirst - this.t0,
-        events: this.events, maxStep: this.maxStep, maxGap: this.maxGap, tps: null };
+        events: this.events, maxStep: this.maxStep, maxGap: this.maxGap, tps: null,
+        pacing: (detail && detail.pacing) || null };
       const span = (this.tLast - this.tFirst) / 1000;
       const tokens = usage && usage.completion_tokens ? usage.completion_tokens : this.events;
       if (span > 0.05) f.tps = tokens / span;
@@ -172,7 +175,7 @@
       if (this.ended) return;
       this.ended = true;
       if (this.es) this.es.close();
-      this.view.end(kind, this.figures(detail && detail.usage), detail);
+      this.view.end(kind, this.figures(kind === 'done' ? detail : null), detail);
     }
 
     fail(error) { this.end('error', error); }
@@ -190,15 +193,27 @@
     }
   }
 
-  function describe(f) {
+  /** What sseproxy's pacer did to the stream: only the server knows whether the upstream
+   * sent a burst that it then smoothed (the done event's `pacing`). */
+  function pacingNote(p) {
+    if (p.mode === 'off') return 'unpaced';
+    if (!p.smoothed_chars) return 'no burst to smooth';
+    return `pacing smoothed ${p.smoothed_chars.toLocaleString()} burst characters`
+      + ` (up to ${Number(p.max_lag_s).toFixed(2)} s later)`;
+  }
+
+  /** The small print. measured: also what reached the page (the comparison view); the
+   * chat shows it only when the server did not say what pacing did. */
+  function describe(f, measured = false) {
     const parts = [];
     if (f.ttft !== null) parts.push(`first token ${(f.ttft / 1000).toFixed(2)} s`);
     if (f.tps !== null) parts.push(`${f.tps.toFixed(0)} tokens/s`);
-    if (f.events) {
+    if (f.events && (measured || !f.pacing)) {
       parts.push(f.maxStep > BURST_CHARS
         ? `burst: ${f.maxStep.toLocaleString()} characters within ${STEP_MS} ms`
         : `smooth: at most ${f.maxStep} characters per ${STEP_MS} ms`);
     }
+    if (f.pacing) parts.push(pacingNote(f.pacing));
     if (f.maxGap >= 1000) parts.push(`longest silence ${(f.maxGap / 1000).toFixed(1)} s`);
     return parts.join(' · ');
   }
@@ -445,7 +460,7 @@
             pane.dataset.state = kind;
             meta.textContent = kind === 'error'
               ? `Error: ${(detail && detail.message) || 'failed'}`
-              : describe(figures) + (kind === 'stopped' ? ' · stopped' : '');
+              : describe(figures, true) + (kind === 'stopped' ? ' · stopped' : '');
             timelines();
             if (runs.every((r) => r.ended)) busy(null);
           },

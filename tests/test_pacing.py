@@ -707,6 +707,32 @@ def test_steady_model_stream_leaves_as_it_arrives(seed: int) -> None:
     assert late[-1] <= TICK + EPS
 
 
+KB8 = "abcdefg " * 1024  # 8,192 characters, 1,024 words of 8
+
+
+# The characters spread over target_lag_s because they came as a burst (issue 15: the
+# done event reports them).
+@pytest.mark.parametrize(("s", "arrivals", "smoothed"), [
+    (S, [(i / 300, f" w{i}") for i in range(300)], 0),  # 300 tok/s: merged, never a burst
+    (S, steady_model_stream(1), 0),
+    # An 8 KB burst to an idle stream: the threshold's 8 words leave at once.
+    (S, [(0.0, "Hi"), (1.0, KB8)], 8192 - 8 * 8),
+    # As the first delta: its first word leaves at once, then the threshold's 8 words.
+    (S, [(0.0, KB8)], 8192 - 9 * 8),
+    (S, [(0.0, "Hi"), (1.0, KB8), (3.0, KB8)], 2 * (8192 - 8 * 8)),
+    (replace(S, target_lag_s=0.0, max_lag_s=0.1), [(0.0, "Hi"), (1.0, KB8)], 0),  # at once
+    (replace(S, mode="off"), [(0.0, "Hi"), (1.0, KB8)], 0),
+], ids=["steady-300-tok-s", "steady-model", "8kb-burst", "8kb-first-delta", "two-bursts",
+        "target-zero", "mode-off"])
+def test_smoothed_chars_counts_what_a_burst_spread(
+    s: PacingSettings, arrivals: list[tuple[float, str]], smoothed: int,
+) -> None:
+    sent, pacer = drive(s, arrivals, finish_at=arrivals[-1][0] + 1.0)
+    assert "".join(texts(sent)) == "".join(d for _, d in arrivals)
+    assert pacer.smoothed_chars == smoothed
+    assert UNPACED.smoothed_chars == 0
+
+
 # --- cost (issue 13, point 1) ----------------------------------------------------------
 
 

@@ -74,6 +74,9 @@ async def test_a_stream_started_on_one_instance_resumes_on_another_exactly_once(
     assert ids(first) + ids(rest) == list(range(1, len(whole.events) + 1))
     assert [e.event for e in rest.events].count("done") == 1
     assert rest.events[-1].event == "done"
+    # the done event as A wrote it, with what pacing did (issue 15), read from Redis on B
+    assert json.loads(rest.events[-1].data)["pacing"] == {
+        "mode": "off", "smoothed_chars": 0, "max_lag_s": 0}
     assert first.content() + rest.content() == whole.content() == "".join(make_tokens(SLOW))
     assert again.status == 204  # the end was delivered: EventSource stops for good
     assert stats["requests"] == 2  # the uninterrupted run and the resumed one, once each

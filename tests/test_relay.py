@@ -735,6 +735,51 @@ async def test_a_failure_after_a_burst_drains_the_text_then_sends_the_error(
     assert text == "".join(make_tokens(scenario)[:1300])
 
 
+def done_of(got: Any) -> dict[str, Any]:
+    assert got.events[-1].event == "done", got.raw[-300:]
+    return dict(json.loads(got.events[-1].data))
+
+
+async def test_the_done_event_says_how_many_characters_of_a_burst_pacing_smoothed(
+    io_loop: Any,
+) -> None:
+    # issue 15: only the server knows whether the upstream burst and the pacer smoothed it
+    bursty = Scenario(rate=200, tokens=300, burst=1024)
+    async with running(bursty, pacing__mode="smooth") as r:
+        paced = await stream("GET", es_url(r.url))
+        async with httpx.AsyncClient() as c:
+            started = await c.post(r.url + "/v1/streams", json={
+                "messages": CHAT, "model": bursty.to_model(), "pacing": "off"})
+        unpaced = await stream("GET", r.url + started.json()["events_url"])
+        openai_frames = await stream("POST", r.url + "/v1/chat/completions",
+                                     json=chat_body(bursty))
+    done = done_of(paced)
+    assert done["finish_reason"] == "stop" and done["usage"]["completion_tokens"] == 300
+    assert set(done["pacing"]) == {"mode", "smoothed_chars", "max_lag_s"}
+    assert done["pacing"]["mode"] == "smooth"
+    text = paced.content()
+    assert 0 < done["pacing"]["smoothed_chars"] < len(text)
+    assert 0 < done["pacing"]["max_lag_s"] <= r.settings.pacing.max_lag_s + 0.5
+    assert done_of(unpaced)["pacing"] == {"mode": "off", "smoothed_chars": 0, "max_lag_s": 0}
+    assert unpaced.content() == text
+    # An addition to the EventSource format only: the OpenAI frames are as they were.
+    assert openai_frames.content() == text and b"pacing" not in openai_frames.raw
+
+
+async def test_the_done_event_of_a_steady_stream_says_pacing_smoothed_nothing(
+    io_loop: Any,
+) -> None:
+    # issue 15. Fewer words than the threshold: a loaded machine that merges reads still
+    # makes no burst of them.
+    steady = Scenario(rate=20, tokens=30)
+    async with running(steady, pacing__mode="smooth", pacing__burst_threshold=64) as r:
+        got = await stream("GET", es_url(r.url))
+    assert got.content() == "".join(make_tokens(steady))
+    pacing = done_of(got)["pacing"]
+    assert pacing["mode"] == "smooth" and pacing["smoothed_chars"] == 0
+    assert pacing["max_lag_s"] <= r.settings.pacing.max_lag_s
+
+
 async def test_a_reload_applies_to_new_streams_only(io_loop: Any, tmp_path: Any) -> None:
     path = tmp_path / "sseproxy.toml"
     path.write_text('[pacing]\nmode = "off"\n')
