@@ -142,7 +142,7 @@ def make_metrics_app(deps: Deps) -> tornado.web.Application:
 BODY_TIMEOUT_BACKSTOP_S = 1.0
 
 
-def make_server(app: tornado.web.Application, settings: Settings) -> tornado.httpserver.HTTPServer:
+def make_server(app: tornado.web.Application, settings: Settings) -> httpserver.HTTPServer:
     limits = settings.limits
     return httpserver.HTTPServer(
         app,
@@ -243,10 +243,17 @@ async def serve(
     :mod:`sseproxy.workers`); without them the process binds ``server.host:server.port``.
 
     SIGTERM (or SIGINT) shuts down gracefully: the listeners close at once (new
-    connections are refused, so a proxy moves on to another instance), ``/readyz`` fails,
-    running streams may finish for ``server.shutdown_grace_s``, then those still running
-    get a ``server_shutdown`` error and end, upstream requests are cancelled, and the
-    process exits 0. A second SIGTERM or SIGINT exits at once.
+    connections are refused, so a proxy moves on to another instance), and connections
+    are no longer kept alive: idle keep-alive connections close at once, a request that
+    still arrives on an open connection is answered with ``Connection: close`` (``/readyz``
+    fails) and the connection closes after it, and one busy with a response at the signal
+    closes when that response has finished (:meth:`.httpserver.HTTPServer.drain`). So a
+    proxy sends its next requests to another instance; one sent on an idle connection at
+    the instant it closes fails (the race of every server that closes idle connections;
+    nginx retries it unless it is a ``POST``). Running streams
+    may finish for ``server.shutdown_grace_s``, then those still running get a
+    ``server_shutdown`` error and end, upstream requests are cancelled, and the process
+    exits 0. A second SIGTERM or SIGINT exits at once.
 
     ``local_url`` is where the model server of ``upstream.kind = "local"`` answers (see
     :mod:`sseproxy.localmodel`); ``/readyz`` is 503 ``loading_model`` until it does.
@@ -307,6 +314,7 @@ async def serve(
         await stop.wait()
     finally:
         server.stop()  # close the listeners: new connections are refused from now on
+        server.drain()  # no more keep-alive: idle connections close now
         if metrics_server is not None:
             metrics_server.stop()
         await drain(deps, deps.settings.server.shutdown_grace_s)

@@ -18,8 +18,20 @@ request head with ``read_until_regex`` (and nothing else with it); the guard jud
 head when it is complete, and when Tornado's own limit (both limits together) trips first,
 it takes the socket over in ``close_fd``, the one moment a closing stream still holds it
 open. To tell a long request line from long headers there, it reads the start of the
-stream's buffer (``IOStream._read_buffer``, the one private attribute used; the tests of
-this module pin it). TLS connections (not used by sseproxy) keep Tornado's behaviour.
+stream's buffer (``IOStream._read_buffer``, the one private attribute used, also to tell
+an idle connection while draining; the tests of this module pin it). TLS connections (not
+used by sseproxy) keep Tornado's behaviour.
+
+On a graceful shutdown, :meth:`HTTPServer.drain` stops keeping connections alive, as nginx
+does: a request read from then on is answered with ``Connection: close`` and its connection
+closes after the response; a connection idle between two requests (waiting for a request
+head, no byte of one received) is closed at once, and one that becomes idle during the
+drain (its last response, begun before the drain, finished) is closed then rather than
+waiting for another request. Connections busy with a request (a running stream) are left
+alone. A client, or a proxy's pool of upstream connections, that sends a request on an idle
+connection at the instant it is closed sees the connection close without an answer: the
+race every HTTP server has when it closes an idle keep-alive connection; a proxy retries
+an idempotent request (nginx does not retry a ``POST``).
 """
 
 from __future__ import annotations
@@ -112,14 +124,17 @@ Refuse = Callable[[socket.socket, errors.RequestError], None]
 
 
 class _HeadGuard(IOStream):
-    """A connection's stream that judges every request head Tornado reads from it."""
+    """A connection's stream that judges every request head Tornado reads from it, and
+    closes when it waits for one while the server drains."""
 
     def __init__(self, sock: socket.socket, limits: HeadLimits, refuse: Refuse,
-                 **kwargs: Any) -> None:
+                 on_close: Callable[[_HeadGuard], None], **kwargs: Any) -> None:
         super().__init__(sock, **kwargs)
         self._limits = limits
         self._refuse = refuse
+        self._on_close = on_close
         self._reading_head = False
+        self._draining = False
         self._refusal: errors.RequestError | None = None
 
     def read_until_regex(self, regex: bytes, max_bytes: int | None = None
@@ -129,7 +144,26 @@ class _HeadGuard(IOStream):
         read = typing.cast("asyncio.Future[bytes]", super().read_until_regex(regex, max_bytes))
         checked: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
         read.add_done_callback(functools.partial(self._head_read, checked))
+        if self._draining and not read.done():  # (done: a whole head had arrived)
+            self._close_if_idle()  # (the read above took in what had arrived)
         return checked
+
+    def drain(self) -> None:
+        """From now on, close when waiting for a request head of which nothing arrived."""
+        self._draining = True
+        self._close_if_idle()
+
+    def _close_if_idle(self) -> None:
+        if not self._reading_head or self.closed() or self._read_buffer:
+            return  # busy with a request, or part of the next head is here
+        try:
+            if self.socket.recv(1, socket.MSG_PEEK):
+                return  # it arrived but the loop has not read it yet: answer it
+        except BlockingIOError:
+            pass  # nothing sent: idle
+        except OSError:
+            pass  # the client is gone: close it too
+        self.close()  # the pending head read fails: Tornado ends the connection quietly
 
     def _head_read(self, checked: asyncio.Future[bytes], read: asyncio.Future[bytes]) -> None:
         if checked.done():
@@ -151,6 +185,7 @@ class _HeadGuard(IOStream):
         checked.set_exception(StreamClosedError())
 
     def close_fd(self) -> None:
+        self._on_close(self)
         refusal = self._refusal
         if (refusal is None and self._reading_head
                 and isinstance(self.error, UnsatisfiableReadError)):
@@ -165,7 +200,8 @@ class _HeadGuard(IOStream):
 
 
 class HTTPServer(tornado.httpserver.HTTPServer):
-    """Tornado's HTTP server with :class:`HeadLimits` answered by ``414``/``431``."""
+    """Tornado's HTTP server with :class:`HeadLimits` answered by ``414``/``431``, and a
+    :meth:`drain` that stops keeping connections alive."""
 
     # Configurable: HTTPServer(app, head_limits=..., **tornado's keywords) calls this.
     def initialize(  # type: ignore[override]  # one keyword of its own, then Tornado's
@@ -174,15 +210,31 @@ class HTTPServer(tornado.httpserver.HTTPServer):
         super().initialize(request_callback, max_header_size=head_limits.total, **kwargs)
         self.head_limits = head_limits
         self._refusals: set[asyncio.Task[None]] = set()
+        self._guards: set[_HeadGuard] = set()
+        self._draining = False
 
     def handle_stream(self, stream: IOStream, address: tuple[Any, ...]) -> None:
         if type(stream) is IOStream:
             # Nothing has been read yet: the same socket goes into a guarded stream.
-            stream = _HeadGuard(stream.socket, self.head_limits,
-                                functools.partial(self._refuse, address),
-                                max_buffer_size=stream.max_buffer_size,
-                                read_chunk_size=stream.read_chunk_size)
+            guard = stream = _HeadGuard(stream.socket, self.head_limits,
+                                        functools.partial(self._refuse, address),
+                                        self._guards.discard,
+                                        max_buffer_size=stream.max_buffer_size,
+                                        read_chunk_size=stream.read_chunk_size)
+            self._guards.add(guard)
+            if self._draining:
+                guard.drain()
         super().handle_stream(stream, address)
+
+    def drain(self) -> None:
+        """Stop keeping connections alive (call it after :meth:`stop`): requests read from
+        now on are answered with ``Connection: close``, idle connections close at once, and
+        busy ones when their response has finished, unless the next request has begun to
+        arrive (it is answered, then the connection closes)."""
+        self._draining = True
+        self.conn_params.no_keep_alive = True  # consulted as each request head is read
+        for guard in list(self._guards):
+            guard.drain()
 
     def _refuse(self, address: tuple[Any, ...], sock: socket.socket,
                 error: errors.RequestError) -> None:

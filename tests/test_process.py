@@ -1,11 +1,13 @@
 """The process model as it runs in production: graceful SIGTERM, a second signal, and
-several workers (issue 5). Real `sseproxy` processes and a separate simulator process."""
+several workers (issue 5); keep-alive connections during the drain (issue 16). Real
+`sseproxy` processes and a separate simulator process."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -19,7 +21,7 @@ import httpx
 from test_cli import clean_env, free_port, process, wait_for_log
 
 from sseproxy import sse
-from sseproxy.mockupstream import Scenario
+from sseproxy.mockupstream import Scenario, make_tokens
 
 CHAT = [{"role": "user", "content": "hi"}]
 
@@ -110,25 +112,20 @@ def test_sigterm_lets_short_streams_finish_and_ends_long_ones(tmp_path: Path) ->
         with process("serve", "--config", str(conf), "--port", str(port),
                      url=base + "/healthz", log=tmp_path / "serve.log") as proc:
             readers = start_streams(base)
-            keepalive = httpx.Client()
-            assert keepalive.get(base + "/readyz").status_code == 200
             for reader in readers.values():
                 reader.start()
             wait_open(mock, 4)
             sent = time.monotonic()
             proc.send_signal(signal.SIGTERM)
             wait_refused(base + "/healthz")  # the listener is closed at once
-            draining = keepalive.get(base + "/readyz")  # an open connection still answers
             code = proc.wait(timeout=grace + 10)
             took = time.monotonic() - sent
-            keepalive.close()
         for reader in readers.values():
             reader.join(timeout=5)
         stats = httpx.get(mock + "/mock/stats").json()
 
     assert code == 0
     assert took < grace + 2.0
-    assert draining.status_code == 503 and draining.json()["status"] == "draining"
     short_es, long_es = readers["short_es"], readers["long_es"]
     assert short_es.error is None and short_es.events[-1].event == "done"
     assert long_es.error is None and long_es.events[-1].event == "error"
@@ -261,3 +258,182 @@ def test_several_workers_need_metrics_port() -> None:
                          env=clean_env(), capture_output=True, text=True, timeout=30)
     assert out.returncode == 2
     assert "metrics.port" in out.stderr
+
+
+# --- keep-alive connections during the drain (issue 16: rolling restarts lose no reply) ---
+# nginx keeps idle connections to each instance and sends new requests on them; a draining
+# instance must close them, or a new POST lands there and fails with 503 (nginx does not
+# retry a POST on the other instance). Raw sockets: the tests watch the connections.
+
+MEDIUM = Scenario(rate=5, tokens=25)  # about 5 s: still running when the drain starts
+
+
+class Draining:
+    """One sseproxy process (grace 60 s) with a long stream that keeps its drain going."""
+
+    def __init__(self, proc: subprocess.Popen[bytes], base: str, mock: str, log: Path,
+                 long: Reader) -> None:
+        self.proc, self.base, self.mock, self.log, self.long = proc, base, mock, log, long
+        self.sockets: list[socket.socket] = []
+
+    def connect(self) -> socket.socket:
+        port = int(self.base.rsplit(":", 1)[1])
+        self.sockets.append(socket.create_connection(("127.0.0.1", port), timeout=20))
+        return self.sockets[-1]
+
+    def sigterm(self) -> dict[str, Any]:
+        """SIGTERM, and wait until the drain has begun; its log line."""
+        self.proc.send_signal(signal.SIGTERM)
+        wait_refused(self.base + "/healthz")  # the listener closes and the drain begins
+        wait_for_log(self.log, '"draining"')
+        lines = [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
+        return next(x for x in lines if x["event"] == "draining")
+
+    def still_draining(self) -> bool:
+        return (self.proc.poll() is None and self.long.is_alive()
+                and self.long.error is None and self.long.status == 200)
+
+
+@contextmanager
+def draining_instance(tmp_path: Path) -> Iterator[Draining]:
+    port = free_port()
+    base = f"http://127.0.0.1:{port}"
+    log = tmp_path / "serve.log"
+    with simulator(tmp_path) as mock:
+        with process("serve", "--port", str(port), "--upstream-url", mock + "/v1",
+                     "--set", "server.shutdown_grace_s=60", "--set", "pacing.mode=off",
+                     url=base + "/healthz", log=log) as proc:
+            long = Reader("POST", f"{base}/v1/chat/completions",
+                          json={"model": Scenario(rate=2, tokens=1000).to_model(),
+                                "messages": CHAT, "stream": True})
+            long.start()
+            wait_open(mock, 1)
+            assert long.opened.wait(timeout=20) and long.status == 200
+            instance = Draining(proc, base, mock, log, long)
+            try:
+                yield instance
+            finally:
+                for sock in instance.sockets:
+                    sock.close()
+            # leaving: process() sends SIGINT, a second signal, which exits at once
+
+
+def http_get(path: str) -> bytes:
+    return f"GET {path} HTTP/1.1\r\nHost: x\r\n\r\n".encode()
+
+
+def chat_post(model: str) -> bytes:
+    body = json.dumps({"model": model, "messages": CHAT, "stream": True}).encode()
+    return (b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+            b"Content-Type: application/json\r\nContent-Length: %d\r\n\r\n" % len(body)) + body
+
+
+def until_eof(sock: socket.socket, within: float = 20.0) -> bytes:
+    """All the server sends until it closes the connection (a failure if it does not)."""
+    sock.settimeout(within)
+    data = b""
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except TimeoutError:
+        raise AssertionError(f"the connection stayed open; received {data[:300]!r}") from None
+    return data
+
+
+def responses(raw: bytes) -> list[tuple[int, dict[str, str], bytes]]:
+    """The responses in ``raw`` (status, lower-case headers, body; chunked bodies joined)."""
+    out = []
+    while raw:
+        head, sep, raw = raw.partition(b"\r\n\r\n")
+        assert sep, f"an incomplete head: {head!r}"
+        status_line, *lines = head.decode("latin-1").split("\r\n")
+        headers = {k.strip().lower(): v.strip()
+                   for k, _, v in (line.partition(":") for line in lines)}
+        body = b""
+        if headers.get("transfer-encoding") == "chunked":
+            while True:
+                size_line, _, raw = raw.partition(b"\r\n")
+                size = int(size_line, 16)
+                body, raw = body + raw[:size], raw[size + 2:]
+                if size == 0:
+                    break
+        else:
+            size = int(headers.get("content-length", "0"))
+            body, raw = raw[:size], raw[size:]
+        out.append((int(status_line.split(" ")[1]), headers, body))
+    return out
+
+
+def chat_text(body: bytes) -> str:
+    """The joined content of an OpenAI stream that ended with ``[DONE]`` and no error."""
+    events = sse.Decoder().feed(body)
+    assert events[-1].data == "[DONE]"
+    chunks = [json.loads(e.data) for e in events[:-1]]
+    assert all("error" not in c for c in chunks), chunks[-1]
+    return "".join(c["choices"][0]["delta"].get("content") or ""
+                   for c in chunks if c.get("choices"))
+
+
+def one_response(sock: socket.socket) -> bytes:
+    """One whole response with a Content-Length, read from ``sock``."""
+    data = b""
+    while True:
+        head, sep, body = data.partition(b"\r\n\r\n")
+        if sep:
+            [length] = [int(x.split(b":")[1]) for x in head.lower().split(b"\r\n")
+                        if x.startswith(b"content-length:")]
+            if len(body) >= length:
+                return data
+        chunk = sock.recv(65536)
+        assert chunk, f"closed before a whole response: {data!r}"
+        data += chunk
+
+
+def test_sigterm_closes_an_idle_keepalive_connection_at_once(tmp_path: Path) -> None:
+    with draining_instance(tmp_path) as instance:
+        idle = instance.connect()
+        idle.sendall(http_get("/healthz"))
+        [(status, headers, _)] = responses(one_response(idle))
+        assert status == 200 and "connection" not in headers  # kept alive
+
+        instance.sigterm()
+        assert until_eof(idle) == b""  # closed by the server, without a word
+        assert instance.still_draining()  # at once: not at the end of the drain
+
+
+def test_a_request_arriving_during_the_drain_is_answered_with_connection_close(
+    tmp_path: Path,
+) -> None:
+    with draining_instance(tmp_path) as instance:
+        late = instance.connect()
+        request = chat_post(MEDIUM.to_model())
+        late.sendall(request[:20])  # on its way when the drain begins
+        instance.sigterm()
+        late.sendall(request[20:])
+        [(status, headers, body)] = responses(until_eof(late))
+        assert status == 503 and json.loads(body)["error"]["code"] == "server_shutdown"
+        assert headers["connection"] == "close"
+        assert instance.still_draining()
+
+
+def test_a_stream_running_at_sigterm_finishes_then_its_connection_closes(
+    tmp_path: Path,
+) -> None:
+    expected = "".join(make_tokens(MEDIUM))
+    with draining_instance(tmp_path) as instance:
+        alone, pipelined = instance.connect(), instance.connect()
+        alone.sendall(chat_post(MEDIUM.to_model()))
+        # a request pipelined behind the stream is read when the stream ends, in the drain
+        pipelined.sendall(chat_post(MEDIUM.to_model()) + http_get("/readyz"))
+        wait_open(instance.mock, 3)
+        assert instance.sigterm()["streams"] == 3  # both were running when the drain began
+
+        [(status, headers, body)] = responses(until_eof(alone))
+        assert status == 200 and "connection" not in headers  # read before the drain
+        assert chat_text(body) == expected  # unaffected by the drain
+        [(status, _, body), (ready, ready_headers, ready_body)] = responses(
+            until_eof(pipelined))
+        assert status == 200 and chat_text(body) == expected
+        assert ready == 503 and json.loads(ready_body)["status"] == "draining"
+        assert ready_headers["connection"] == "close"
+        assert instance.still_draining()  # closed when idle, not at the end of the drain
