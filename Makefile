@@ -8,7 +8,7 @@ ARGS ?=
 PYTEST_ARGS ?=
 BENCH_ARGS ?=
 
-.PHONY: run run-local test lint typecheck bench bench-pacing clean
+.PHONY: run run-local test lint typecheck bench bench-pacing screenshots clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +34,7 @@ run-local: $(VENV)/.installed-local
 	$(BIN)/sseproxy serve --upstream local $(ARGS)
 
 lint: $(VENV)/.installed-test
-	$(BIN)/python -m flake8 sseproxy tests bench
+	$(BIN)/python -m flake8 sseproxy tests bench docs
 
 typecheck: $(VENV)/.installed-test
 	$(BIN)/python -m mypy
@@ -47,6 +47,10 @@ bench: $(VENV)/.installed-run
 
 bench-pacing: $(VENV)/.installed-run
 	$(BIN)/python bench/pacing.py
+
+# Remakes docs/page-chat.png and docs/page-compare.png (needs Debian's chromium package).
+screenshots: $(VENV)/.installed-test
+	$(BIN)/python docs/screenshots.py
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .mypy_cache .hypothesis .coverage
