@@ -313,6 +313,7 @@ class Generation:
                 self._timer = None
             self.upstream_watch.end()
             _resolve(self._accepted)
+            self.log.on_space = None  # (a retained log outlives its generation)
             self.log.end()
             _resolve(self._ended)
             if self.on_end is not None:

@@ -362,6 +362,11 @@ class _Connection(asyncio.BufferedProtocol):
             waiter.set_exception(httpx.WriteError("the connection closed while writing"))
         if self._drain_timer is not None:
             self._drain_timer.cancel()
+        # A lost connection parses nothing more. The parser holds bound methods of this
+        # connection, and the body holds it too: let go of both, so the connection is freed
+        # when its last user lets go of it, not by the cyclic garbage collector (issue 13).
+        self._parser = None
+        self.body = None
 
     def get_buffer(self, sizehint: int) -> memoryview:
         return _RECEIVE_VIEW

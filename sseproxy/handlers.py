@@ -273,6 +273,13 @@ class StreamingHandler(BaseHandler):
         self.finish_quietly()
         return ended
 
+    def on_finish(self) -> None:
+        """The response is finished: its sink lets go of this handler (see
+        :meth:`ConnectionSink.release`)."""
+        super().on_finish()
+        if self.sink is not None:
+            self.sink.release()
+
     def on_connection_close(self) -> None:
         super().on_connection_close()  # (fails a body read still pending)
         self._left = True

@@ -48,7 +48,7 @@ class ConnectionSink:
     )
 
     def __init__(self, handler: tornado.web.RequestHandler) -> None:
-        self._handler = handler
+        self._handler: tornado.web.RequestHandler | None = handler
         self.closed = False
         self._gone: asyncio.Future[None] | None = None
         #: The plain TCP stream frames go to once the headers are out (None: none).
@@ -66,7 +66,10 @@ class ConnectionSink:
     async def open(self) -> None:
         """Send the response headers now (before the first event)."""
         if not self._headers_out:
-            await self._wait(self._handler.flush)
+            handler = self._handler
+            if handler is None:
+                raise ClientGone
+            await self._wait(handler.flush)
             self._headers_out = True
             self._raw = self._stream
 
@@ -90,8 +93,11 @@ class ConnectionSink:
                 return
             await self._wait(lambda: raw.write(self._frame(data)))
             return
-        self._handler.write(data)
-        await self._wait(self._handler.flush)
+        handler = self._handler
+        if handler is None:
+            raise ClientGone
+        handler.write(data)
+        await self._wait(handler.flush)
         if not self._headers_out:
             self._headers_out = True
             self._raw = self._stream
@@ -158,7 +164,16 @@ class ConnectionSink:
         self.mark_gone()
         if self._stream is not None:
             self._stream.close()
-        else:
+        elif self._handler is not None:
             conn = self._handler.request.connection
             if isinstance(conn, HTTP1Connection):
                 conn.stream.close()
+
+    def release(self) -> None:
+        """The response is finished: let go of the handler and the connection (a send
+        raises :class:`ClientGone` from now on). The handler holds its sink, and the sink
+        held the handler: without this, every finished stream would leave that cycle, and
+        all it reaches, to the cyclic garbage collector (issue 13)."""
+        self.closed = True
+        self._handler = None
+        self._stream = self._raw = None

@@ -412,7 +412,12 @@ class ChatStream:
         finally:
             self._ended = True
             self._body = None
-            await self.aclose()
+            try:
+                await self.aclose()
+            finally:
+                # The callbacks are bound methods of the caller, which holds this stream:
+                # let go of them, so that cycle does not wait for the garbage collector.
+                self._on_delta = self._on_read = None
         if not (self._done or self._finished):
             raise errors.IncompleteStream(
                 "the upstream ended the reply without [DONE] or a finish_reason"
