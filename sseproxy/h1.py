@@ -311,7 +311,9 @@ class _Connection(asyncio.BufferedProtocol):
         self.idle_since = 0.0
         self.used = False
         self._method = b"GET"
-        self._head_waiter: asyncio.Future[_Head] | None = None
+        #: The head and its body, together: the body outlives a connection lost right after
+        #: the head (the connection lets go of it then, see connection_lost).
+        self._head_waiter: asyncio.Future[tuple[_Head, Body]] | None = None
         self._head: _Head | None = None
         self.body: Body | None = None
         self._drain_waiter: asyncio.Future[None] | None = None
@@ -505,7 +507,7 @@ class _Connection(asyncio.BufferedProtocol):
         self.body = body = Body(self, head)
         waiter = self._head_waiter
         if waiter is not None and not waiter.done():
-            waiter.set_result(head)
+            waiter.set_result((head, body))
         if self._method == b"HEAD":
             # llhttp cannot be told that a HEAD answer has no body (httptools has no way
             # to say so): the parse stops here, and the connection is not reused.
@@ -575,20 +577,23 @@ class _Connection(asyncio.BufferedProtocol):
                     drain.exception()  # retrieved: a write that broke is not the error
                 else:
                     drain.cancel()
-                head_waiter.result().keep_alive = False
+                head_waiter.result()[0].keep_alive = False
                 return
             if not drain.done():
                 drain.cancel()
                 raise httpx.WriteTimeout("timed out sending the request")
             drain.result()  # the connection broke while writing: WriteError
 
-    async def response_head(self, read_timeout: float | None) -> _Head:
-        assert self._head_waiter is not None
+    async def response_head(self, read_timeout: float | None) -> tuple[_Head, Body]:
+        waiter = self._head_waiter
+        assert waiter is not None
         try:
             async with asyncio.timeout(read_timeout):
-                return await self._head_waiter
+                got = await waiter
         except TimeoutError as exc:
             raise httpx.ReadTimeout("timed out waiting for the response") from exc
+        self._head_waiter = None  # (it holds the body, which holds this connection)
+        return got
 
     def pause_reading(self) -> None:
         if not self._reading_paused and self.transport is not None and not self.lost:
@@ -808,7 +813,7 @@ class H1Transport(httpx.AsyncBaseTransport):
             reused = conn.used
             try:
                 await conn.request(method, head, content, timeouts.get("write"))
-                response_head = await conn.response_head(timeouts.get("read"))
+                response_head, body = await conn.response_head(timeouts.get("read"))
             except httpx.RemoteProtocolError as exc:
                 conn.close()
                 stale = reused and not conn._any_byte and not fresh
@@ -820,14 +825,13 @@ class H1Transport(httpx.AsyncBaseTransport):
                 conn.close()
                 raise
             break
-        assert conn.body is not None
         return httpx.Response(
             response_head.status,
             headers=response_head.headers,
-            stream=conn.body,
+            stream=body,
             extensions={"http_version": response_head.version,
                         "reason_phrase": response_head.reason,
-                        "sseproxy_body": conn.body},
+                        "sseproxy_body": body},
         )
 
     async def aclose(self) -> None:

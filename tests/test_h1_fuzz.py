@@ -107,7 +107,7 @@ def fast(raw: bytes, cuts: list[int]) -> Outcome:
         if ended[0] is not None:
             assert isinstance(ended[0], (httpx.RemoteProtocolError, httpx.ReadError)), ended
             return Outcome(refused=True)
-        head = waiter.result()
+        head, _ = waiter.result()
         return Outcome(head.status, [(k.lower(), v) for k, v in head.headers], b"".join(pieces))
     finally:
         loop.close()
@@ -332,3 +332,28 @@ async def test_the_transport_and_h11_agree_on_a_real_socket(io_loop: Any, raw: b
                               [(k.lower(), v) for k, v in response.headers.raw],
                               response.content)
     assert got == expected
+
+
+def test_a_connection_lost_right_after_its_whole_response_still_gives_the_response() -> None:
+    # The server answers (an early 413, say) and closes; the close can be handled before
+    # the request's task resumes. The connection then lets go of its body (so that it is
+    # not left in a reference cycle), and the response must still carry it.
+    loop = asyncio.new_event_loop()
+    try:
+        pool = h1.H1Transport(limits=httpx.Limits())
+        conn = h1._Connection(pool, ("http", "upstream.test", 80))
+        conn.connection_made(FakeTransport())  # type: ignore[arg-type]  # a stand-in
+        loop.run_until_complete(conn.request(b"POST", b"POST / HTTP/1.1\r\n\r\n", b"", None))
+        conn.data_received(b"HTTP/1.1 413 Payload Too Large\r\nContent-Length: 11\r\n\r\n"
+                           b'{"error":1}')
+        conn.connection_lost(None)
+        assert conn.body is None  # let go of
+        head, body = loop.run_until_complete(conn.response_head(1.0))
+        assert head.status == 413
+
+        async def read() -> bytes:
+            return b"".join([part async for part in body])
+
+        assert loop.run_until_complete(read()) == b'{"error":1}'
+    finally:
+        loop.close()
