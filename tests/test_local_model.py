@@ -197,8 +197,11 @@ class Serve:
     pids: list[int] = field(default_factory=list)
 
     def lines(self) -> list[dict[str, Any]]:
+        """The log's complete JSON lines: the processes are still writing to it, so its
+        last line may be cut short (it is read again on the next call)."""
         out = []
-        for line in self.log.read_text().splitlines():
+        text = self.log.read_text()
+        for line in text[:text.rfind("\n") + 1].splitlines():
             if line.startswith("{"):
                 out.append(json.loads(line))
         return out

@@ -232,8 +232,16 @@ def test_workers_stop_when_the_master_is_killed(tmp_path: Path) -> None:
                 time.sleep(0.1)
 
 
+def json_lines(log: Path) -> list[dict[str, Any]]:
+    """The complete JSON lines of a log that running processes still write to (its last
+    line may be cut short: it is read again on the next call)."""
+    text = log.read_text()
+    return [json.loads(x) for x in text[:text.rfind("\n") + 1].splitlines()
+            if x.startswith("{")]
+
+
 def listening_pids(log: Path) -> list[int]:
-    lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+    lines = json_lines(log)
     return [x["pid"] for x in lines if x["event"] == "listening"]
 
 
@@ -286,8 +294,7 @@ class Draining:
         self.proc.send_signal(signal.SIGTERM)
         wait_refused(self.base + "/healthz")  # the listener closes and the drain begins
         wait_for_log(self.log, '"draining"')
-        lines = [json.loads(x) for x in self.log.read_text().splitlines() if x.startswith("{")]
-        return next(x for x in lines if x["event"] == "draining")
+        return next(x for x in json_lines(self.log) if x["event"] == "draining")
 
     def still_draining(self) -> bool:
         return (self.proc.poll() is None and self.long.is_alive()
